@@ -1,0 +1,171 @@
+"""COCO-format detection dataset with per-item seeded augmentation."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Callable, Dict, Optional, Tuple
+
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+
+from .coco_annotations import coco_target, load_coco_annotations, num_classes_of
+from .skip_counter import SkipCounter
+
+__all__ = ["UnreadableImageError", "CocoDetection", "coco_split_paths", "build_coco_dataset"]
+
+logger = logging.getLogger(__name__)
+
+Item = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+class UnreadableImageError(OSError):
+    """An image file that exists but cannot be decoded; the message names the file."""
+
+
+def _prefix(context: Optional[str]) -> str:
+    return f"{context}: " if context else ""
+
+
+class CocoDetection(Dataset):
+    """Images of a COCO-format annotation file, as ``(image, target)`` pairs.
+
+    ``image`` is the output of ``transforms`` (normally a normalized float tensor (3, H, W));
+    ``target`` holds ``boxes`` (n, 4) float32 cxcywh in [0, 1] of the transformed size,
+    ``labels`` (n,) int64 category ids, ``image_id`` () int64, ``area`` (n,) float32,
+    ``iscrowd`` (n,) int64, ``orig_size`` and ``size`` (2,) int64 (h, w) before and after
+    the transforms. Crowd annotations are not targets; see ``coco_target``.
+
+    Item ``index`` in epoch ``epoch`` draws its augmentation from
+    ``random.Random(f"{seed}:{epoch}:{index}")``, so it does not depend on which worker
+    loads it or when. With ``skip_unreadable`` a missing or undecodable image gives
+    ``None`` (``collate`` drops it) and increments ``skipped``; otherwise it raises.
+
+    Items are ordered by ascending image id. ``num_classes`` is the largest category id + 1.
+    """
+
+    def __init__(
+        self,
+        image_dir: str,
+        annotation_file: str,
+        transforms: Callable,
+        *,
+        seed: int = 0,
+        skip_unreadable: bool = False,
+        context: Optional[str] = None,
+    ):
+        prefix = _prefix(context)
+        self.image_dir = os.path.expanduser(os.fspath(image_dir))
+        self.annotation_file = os.path.expanduser(os.fspath(annotation_file))
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(
+                f"{prefix}image directory {self.image_dir} does not exist; "
+                f"point the dataset at the folder holding the images of {self.annotation_file}"
+            )
+        self.coco = load_coco_annotations(self.annotation_file, context=context)
+        self.ids = sorted(self.coco.imgs.keys())
+        self.num_classes = num_classes_of(self.coco)
+        self.category_names = {
+            category_id: category.get("name", str(category_id)) for category_id, category in self.coco.cats.items()
+        }
+        self.transforms = transforms
+        self.seed = seed
+        self.epoch = 0
+        self.skip_unreadable = skip_unreadable
+        self.skipped = SkipCounter()
+        self.context = context
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch``.
+
+        DataLoader workers hold copies of the dataset made when an iterator starts: call this
+        before ``iter(loader)`` and do not combine it with ``persistent_workers=True``.
+        """
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, index: int) -> str:
+        """Path of the image file of item ``index``."""
+        return os.path.join(self.image_dir, self.coco.imgs[self.ids[index]]["file_name"])
+
+    def __getitem__(self, index: int) -> Optional[Item]:
+        image_id = self.ids[index]
+        try:
+            image = self._read_image(image_id)
+        except (FileNotFoundError, UnreadableImageError) as error:
+            if not self.skip_unreadable:
+                raise
+            self.skipped.increment()
+            logger.warning("skipping image: %s", error)
+            return None
+        target = coco_target(self.coco.imgToAnns.get(image_id, []), image_id, *image.size)
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        return self.transforms(image, target, rng)
+
+    def _read_image(self, image_id: int) -> PIL.Image.Image:
+        prefix = _prefix(self.context)
+        path = os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{prefix}image {path} (id {image_id} in {self.annotation_file}) does not exist; "
+                "restore the file, or enable skipping of unreadable images"
+            )
+        try:
+            with PIL.Image.open(path) as opened:
+                return opened.convert("RGB")
+        except Exception as error:  # any decoder failure means the same thing: unusable file
+            raise UnreadableImageError(
+                f"{prefix}image {path} (id {image_id}) cannot be decoded ({error}); "
+                "replace the file, or enable skipping of unreadable images"
+            ) from error
+
+
+def coco_split_paths(root: str, split: str, year: str = "2017") -> Tuple[str, str]:
+    """Standard layout paths: (``root/{split}{year}``, ``root/annotations/instances_{split}{year}.json``)."""
+    root = os.path.expanduser(os.fspath(root))
+    return (
+        os.path.join(root, f"{split}{year}"),
+        os.path.join(root, "annotations", f"instances_{split}{year}.json"),
+    )
+
+
+def build_coco_dataset(
+    root: str,
+    split: str,
+    transforms: Callable,
+    *,
+    year: str = "2017",
+    seed: int = 0,
+    skip_unreadable: bool = False,
+    context: Optional[str] = None,
+) -> CocoDetection:
+    """Dataset for ``split`` ("train" or "val") of a COCO-layout directory.
+
+    ``context`` names where ``root`` came from (e.g. a config key); errors read
+    ``{context}={root} has no ...``.
+    """
+    root = os.path.expanduser(os.fspath(root))
+    name = context or "COCO root"
+    image_dir, annotation_file = coco_split_paths(root, split, year)
+    layout = (
+        f"expected the COCO {year} layout ROOT/{split}{year}/ (images) and "
+        f"ROOT/annotations/instances_{split}{year}.json"
+    )
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{name}={root} does not exist; {layout}")
+    relative_annotation = os.path.relpath(annotation_file, root)
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(f"{name}={root} has no {relative_annotation}; {layout}")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"{name}={root} has no {split}{year}/ image directory; {layout}")
+    return CocoDetection(
+        image_dir,
+        annotation_file,
+        transforms,
+        seed=seed,
+        skip_unreadable=skip_unreadable,
+        context=context,
+    )

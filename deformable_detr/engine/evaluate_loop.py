@@ -1,0 +1,49 @@
+"""One pass over an evaluation set: predictions of every image, COCO box AP over all ranks."""
+import logging
+from typing import Optional
+
+import torch
+
+from ..evaluation.coco_evaluator import CocoEvaluation, CocoEvaluator
+from ..utils import distributed
+from ..utils.metric_logger import ProgressMeter
+from .train_loop import AMP_DTYPES, outputs_to_float, to_device
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    postprocess,
+    loader,
+    coco_gt,
+    device: torch.device,
+    *,
+    amp: Optional[str] = None,
+    log_every: int = 50,
+    on_batch=None,
+) -> Optional[CocoEvaluation]:
+    """Run ``model`` on every image of ``loader`` (each rank its shard) and score with COCOeval.
+
+    Boxes are scaled to each image's original size. ``on_batch(images, masks, targets, results)``
+    sees every batch (e.g. to draw a few predictions). Returns the evaluation on the main
+    process and None elsewhere (every rank must call this).
+    """
+    model.eval()
+    amp_dtype = AMP_DTYPES[amp]
+    evaluator = CocoEvaluator(coco_gt)
+    meter = ProgressMeter(len(loader), prefix="[eval]")
+    for step, (images, masks, targets) in enumerate(loader, 1):
+        images, masks, targets = to_device(images, masks, targets, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(images, masks)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocess(outputs_to_float(outputs), orig_sizes)
+        evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+        if on_batch is not None:
+            on_batch(images, masks, targets, results)
+        meter.update(images.shape[0])
+        if distributed.is_main_process() and (step % log_every == 0 or step == len(loader)):
+            logger.info(meter.line(step))
+    return evaluator.summarize(main_process_only=True)

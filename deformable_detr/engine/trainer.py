@@ -1,0 +1,320 @@
+"""A training run: epochs of training, periodic evaluation, checkpoints, exact resume, clean stops."""
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..evaluation.coco_evaluator import write_json_atomic
+from ..models.weights import Recipe, recipe_of_model
+from ..utils import distributed
+from .checkpoint import CheckpointKeeper
+from .evaluate_loop import evaluate
+from .rng import rng_state, set_rng_state
+from .train_loop import train_one_epoch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainerSettings:
+    """How a run trains (the recipe's model, data and optimizer live elsewhere).
+
+    epochs: epochs in total. clip_max_norm: gradient clipping (0: off). amp: None, "bf16" or "fp16".
+    eval_every: evaluate every this many epochs (and after the last). checkpoint_every_steps:
+    also checkpoint within epochs (0: only at epoch ends). keep_every: keep a copy every this many
+    epochs (0: only last and best). log_every: steps between progress lines. max_steps: stop with
+    a checkpoint once this many steps are done in total (None: train all epochs).
+    max_nonfinite_steps: consecutive NaN/inf losses before aborting. tensorboard_images: validation
+    images drawn with their predictions at each evaluation. score_threshold: of the drawn boxes.
+    """
+
+    epochs: int = 50
+    clip_max_norm: float = 0.1
+    amp: Optional[str] = None
+    eval_every: int = 1
+    checkpoint_every_steps: int = 0
+    keep_every: int = 0
+    log_every: int = 20
+    max_steps: Optional[int] = None
+    max_nonfinite_steps: int = 5
+    tensorboard_images: int = 4
+    score_threshold: float = 0.3
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask for a stop at the end of the current step (with a checkpoint); a second
+    SIGINT interrupts at once. All ranks agree on stopping so none waits in a collective."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("signal %d: stopping after this step with a checkpoint (Ctrl-C again to abort)", signum)
+
+    def agreed(self, device: torch.device) -> bool:
+        if distributed.get_world_size() == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+class Trainer:
+    """Owns the state of a run and everything needed to continue it as if never stopped.
+
+    Args:
+        model: the detector (unwrapped); ``train_model`` the module to train with (e.g. its
+            DistributedDataParallel wrapper), defaults to ``model``.
+        criterion, postprocess: loss and output conversion.
+        optimizer, scheduler, scaler: optimization state (scaler for fp16 only).
+        train_loader: a DataLoader whose ``sampler`` has ``set_epoch(epoch, start)`` and whose
+            dataset has ``set_epoch(epoch)``; drop_last batches.
+        val_loader, val_coco: evaluation data and its pycocotools ground truth (None: no evaluation).
+        device, run_dir, settings: where and how.
+        writer: TensorBoard SummaryWriter on the main process, else None.
+        extra_state: saved in every checkpoint as is (e.g. the composed ``config``).
+    """
+
+    def __init__(self, model, criterion, postprocess, optimizer, scheduler, train_loader, val_loader, val_coco, device, run_dir, settings: TrainerSettings, *, train_model=None, scaler=None, writer=None, extra_state=None, seed: int = 0):
+        self.model = model
+        self.train_model = train_model or model
+        self.criterion = criterion
+        self.postprocess = postprocess
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.val_coco = val_coco
+        self.device = device
+        self.run_dir = run_dir
+        self.settings = settings
+        self.writer = writer
+        self.extra_state = dict(extra_state or {})
+        self.seed = seed
+        self.keeper = CheckpointKeeper(run_dir, settings.keep_every)
+        self.steps_per_epoch = len(train_loader)
+        self.batch_size = train_loader.batch_size
+        # progress: the epoch in progress, steps done in it, steps done in total
+        self.epoch = 0
+        self.epoch_step = 0
+        self.step = 0
+        self.best: Optional[float] = None
+        self.history: List[Dict[str, Any]] = []
+        self.last_evaluation = None
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        rng = distributed.all_gather_object(rng_state())
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "step": self.step,
+            "world_size": distributed.get_world_size(),
+            "batch_size": self.batch_size,
+            "rng": rng,
+            "recipe": dataclasses.asdict(recipe_of_model(self.model)),
+            "best": self.best,
+            "history": self.history,
+            **self.extra_state,
+        }
+
+    def load_state_dict(self, checkpoint: Dict[str, Any]) -> None:
+        """Restore a run from ``checkpoint`` (see ``checkpoint.load_resumable``)."""
+        path = checkpoint.get("path", "the checkpoint")
+        saved, current = Recipe(**checkpoint.get("recipe", {})), recipe_of_model(self.model)
+        if checkpoint.get("recipe") and saved != current:
+            raise ValueError(
+                f"resume={path} was trained as {saved.name()} ({saved.describe()}, {saved.num_classes} classes) "
+                f"but this run builds {current.name()} ({current.describe()}, {current.num_classes} classes); "
+                "resume with the run's original config or start a new run directory"
+            )
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.epoch, self.epoch_step, self.step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
+        self.best, self.history = checkpoint.get("best"), list(checkpoint.get("history", []))
+        world, batch = distributed.get_world_size(), self.batch_size
+        same_layout = checkpoint.get("world_size") == world and checkpoint.get("batch_size") == batch
+        if not same_layout and self.epoch_step:
+            # keep the number of samples seen this epoch; exact continuation needs the same layout
+            samples = self.epoch_step * checkpoint.get("batch_size", batch) * checkpoint.get("world_size", world)
+            self.epoch_step = min(self.steps_per_epoch, samples // (batch * world))
+            logger.warning(
+                "resuming with %d processes x batch %d instead of %s x %s: continuing at step %d of the epoch, "
+                "not bit-identical to an uninterrupted run", world, batch, checkpoint.get("world_size"), checkpoint.get("batch_size"), self.epoch_step,
+            )
+        rng = checkpoint.get("rng") or []
+        if len(rng) == world:
+            set_rng_state(rng[distributed.get_rank()])
+        elif rng:
+            logger.warning("the checkpoint holds random states of %d processes, not %d: not restored", len(rng), world)
+        logger.info("resumed from %s at epoch %d, step %d of %d in the epoch (%d steps in total)", path, self.epoch, self.epoch_step, self.steps_per_epoch, self.step)
+
+    def save(self, *, finished_epoch: bool, is_best: bool = False) -> None:
+        state = self.state_dict()  # a collective: every rank builds it
+        if distributed.is_main_process():
+            for path in self.keeper.save(state, finished_epoch=self.epoch - 1 if finished_epoch else None, is_best=is_best):
+                logger.info("saved %s", path)
+        distributed.barrier()
+
+    # -------------------------------------------------------------- training
+    def fit(self) -> Optional[Dict[str, float]]:
+        """Train from the current state to the last epoch, or until ``max_steps`` or a signal;
+        returns the last evaluation's COCO stats (main process; None elsewhere or when stopped early)."""
+        settings = self.settings
+        if self.epoch >= settings.epochs:
+            logger.info("the run already finished its %d epochs", settings.epochs)
+            return self.last_stats()
+        with StopRequest() as stop:
+            while self.epoch < settings.epochs:
+                if not self._train_epoch(stop):
+                    self.save(finished_epoch=False)
+                    self._log_stop()
+                    return None
+                self.epoch += 1
+                self.epoch_step = 0
+                stats = None
+                if self.val_loader is not None and (self.epoch == settings.epochs or self.epoch % settings.eval_every == 0):
+                    stats = self.evaluate()
+                is_best = stats is not None and (self.best is None or stats["AP"] > self.best)
+                if is_best:
+                    self.best = stats["AP"]
+                self.save(finished_epoch=True, is_best=is_best)
+                if self.epoch < settings.epochs and (self._max_steps_reached() or stop.agreed(self.device)):
+                    self._log_stop()
+                    return None
+        return self.last_stats()
+
+    def _max_steps_reached(self) -> bool:
+        return self.settings.max_steps is not None and self.step >= self.settings.max_steps
+
+    def _log_stop(self) -> None:
+        logger.info(
+            "stopped at epoch %d, step %d of the epoch (%d steps in total); run again with the same "
+            "hydra.run.dir to resume", self.epoch, self.epoch_step, self.step,
+        )
+
+    def _train_epoch(self, stop: StopRequest) -> bool:
+        """Train the rest of the current epoch; False when stopped before its end."""
+        settings = self.settings
+        loader = self.train_loader
+        loader.dataset.set_epoch(self.epoch)
+        loader.sampler.set_epoch(self.epoch, start=self.epoch_step * self.batch_size)
+        if getattr(loader, "generator", None) is not None:
+            # worker seeds come from here; reseed so a resumed epoch draws the same ones
+            loader.generator.manual_seed(self.seed + self.epoch)
+        epoch_start = time.perf_counter()
+        checkpoint_every = settings.checkpoint_every_steps
+
+        def on_step(epoch_step: int) -> bool:
+            self.epoch_step = epoch_step
+            self.step += 1
+            if epoch_step >= self.steps_per_epoch:
+                return False  # the epoch ends anyway; fit() checkpoints and checks for stops
+            if self._max_steps_reached() or stop.agreed(self.device):
+                return True
+            if checkpoint_every and self.step % checkpoint_every == 0:
+                self.save(finished_epoch=False)
+            return False
+
+        averages = train_one_epoch(
+            self.train_model, self.criterion, loader, self.optimizer, self.scheduler, self.device, self.epoch,
+            total_steps=self.steps_per_epoch, start_step=self.epoch_step, max_norm=settings.clip_max_norm,
+            amp=settings.amp, scaler=self.scaler, log_every=settings.log_every,
+            max_nonfinite_steps=settings.max_nonfinite_steps, on_step=on_step,
+            describe_images=self._describe_images, writer=self.writer, global_step=self.step - self.epoch_step,
+        )
+        if self.epoch_step < self.steps_per_epoch:
+            return False
+        minutes = (time.perf_counter() - epoch_start) / 60
+        entry = {"epoch": self.epoch, "minutes": round(minutes, 3), **{f"train_{k}": v for k, v in averages.items()}}
+        self.history.append(entry)
+        self._log_json(entry)
+        return True
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        drawn: List = []
+
+        def on_batch(images, masks, targets, results):
+            if self.writer is None or len(drawn) >= self.settings.tensorboard_images:
+                return
+            for image, mask, target, result in zip(images, masks, targets, results):
+                if len(drawn) < self.settings.tensorboard_images:
+                    drawn.append((image.cpu(), mask.cpu(), {k: v.cpu() for k, v in target.items()}, {k: v.cpu() for k, v in result.items()}))
+
+        evaluation = evaluate(self.model, self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
+        if evaluation is None:
+            return None
+        self.last_evaluation = evaluation
+        logger.info("evaluation after epoch %d:\n%s", self.epoch - 1, evaluation.table)
+        entry = {"epoch": self.epoch - 1, **{f"val_{k}": v for k, v in evaluation.stats.items()}}
+        if self.history and self.history[-1].get("epoch") == self.epoch - 1:
+            self.history[-1].update(entry)
+        self._log_json(entry)
+        write_json_atomic(os.path.join(self.run_dir, "metrics.json"), evaluation.stats)
+        write_json_atomic(os.path.join(self.run_dir, "predictions.json"), evaluation.predictions)
+        if self.writer is not None:
+            for name, value in evaluation.stats.items():
+                self.writer.add_scalar(f"val/{name}", value, self.step)
+            for index, (image, mask, target, result) in enumerate(drawn):
+                self._draw(index, image, mask, target, result)
+            self.writer.flush()
+        return evaluation.stats
+
+    def last_stats(self) -> Optional[Dict[str, float]]:
+        return self.last_evaluation.stats if self.last_evaluation is not None else None
+
+    def _draw(self, index, image, mask, target, result):
+        """The unpadded image with its boxes above ``score_threshold``, labelled by category."""
+        h, w = (~mask).sum(0).max().item(), (~mask).sum(1).max().item()
+        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        picture = (image[:, :h, :w] * std + mean).clamp(0, 1)
+        keep = result["scores"] > self.settings.score_threshold
+        orig_h, orig_w = target["orig_size"].tolist()
+        boxes = result["boxes"][keep] * torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
+        names = {c["id"]: c["name"] for c in self.val_coco.loadCats(self.val_coco.getCatIds())}
+        labels = [f"{names.get(int(l), int(l))} {s:.2f}" for l, s in zip(result["labels"][keep], result["scores"][keep])]
+        self.writer.add_image_with_boxes(f"val/predictions_{index}", picture, boxes, self.step, labels=labels)
+
+    def _describe_images(self, image_ids: List[int]) -> str:
+        coco = getattr(self.train_loader.dataset, "coco", None)
+        if coco is None:
+            return ", ".join(map(str, image_ids))
+        return ", ".join(f"{i} ({coco.imgs[i]['file_name']})" if i in coco.imgs else str(i) for i in image_ids)
+
+    def _log_json(self, entry: Dict[str, Any]) -> None:
+        if distributed.is_main_process():
+            with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in entry.items()}) + "\n")

@@ -1,0 +1,101 @@
+"""The deformable decoder: object queries self-attend, then sample the encoder memory around reference points.
+
+Legend: N batch, Q queries, S value tokens, C channels, L levels.
+"""
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils.box_ops import inverse_sigmoid
+from .deformable_attention import MSDeformAttn
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm layer: multi-head self-attention, deformable cross-attention, ReLU feed-forward."""
+
+    def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask=None):
+        """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2|4); memory (N, S, C) -> (N, Q, C)."""
+        q = k = tgt + query_pos
+        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(tgt2))
+        tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(tgt2))
+
+
+class DeformableDecoder(nn.Module):
+    """A stack of decoder layers returning every layer's output and reference.
+
+    With iterative bounding box refinement, layer l's box head predicts a correction of its
+    reference box; the corrected box (detached, so each layer learns its own correction) is the
+    reference of layer l + 1. The heads are passed to ``forward`` rather than owned here: they
+    belong to the detector, which also applies them to produce the outputs.
+    """
+
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory_padding_mask: Optional[torch.Tensor] = None,
+        box_heads: Optional[Sequence[nn.Module]] = None,
+    ):
+        """
+        Args:
+            tgt, query_pos: (N, Q, C) content queries and their positional part.
+            reference_points: (N, Q, 2) points or (N, Q, 4) boxes, normalized to the valid image.
+            memory: (N, S, C); valid_ratios (N, L, 2); memory_padding_mask (N, S).
+            box_heads: one box head per layer for iterative refinement, or None.
+        Returns:
+            hidden states (num_layers, N, Q, C) and the references after each layer
+            (num_layers, N, Q, 2|4); the reference of layer l is the initial one for l = 0, else
+            entry l - 1.
+        """
+        output = tgt
+        hidden_states, references = [], []
+        for index, layer in enumerate(self.layers):
+            # the valid image occupies valid_ratios of each padded level: scale into it
+            if reference_points.shape[-1] == 4:
+                scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+            else:
+                scale = valid_ratios[:, None]
+            reference_input = reference_points[:, :, None] * scale
+            output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index, memory_padding_mask)
+            if box_heads is not None:
+                delta = box_heads[index](output)
+                if reference_points.shape[-1] == 4:
+                    refined = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                else:
+                    # a point reference becomes a box: the head supplies the size from scratch
+                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1).sigmoid()
+                reference_points = refined.detach()
+            hidden_states.append(output)
+            references.append(reference_points)
+        return torch.stack(hidden_states), torch.stack(references)

@@ -1,0 +1,48 @@
+"""The official implementation's detections on the public case are reproduced through tools/eval.py."""
+import json
+import os
+import sys
+
+from cli import ROOT, run_tool
+from official_files import PUBLIC_CASE, public_case_checkpoint
+
+
+def matched_fraction(reference, candidate):
+    """A reference detection matches a candidate of the same image and category with box IoU >= 0.999
+    and score within 2e-4."""
+    def iou(a, b):
+        iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+        ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+        union = a[2] * a[3] + b[2] * b[3] - iw * ih
+        return iw * ih / union if union > 0 else float(a == b)
+
+    hits = 0
+    for r in reference:
+        pool = [c for c in candidate if c["image_id"] == r["image_id"] and c["category_id"] == r["category_id"]]
+        hits += any(abs(c["score"] - r["score"]) <= 2e-4 and iou(c["bbox"], r["bbox"]) >= 0.999 for c in pool)
+    return hits / len(reference)
+
+
+def test_public_case_matches_the_official_detections(tmp_path):
+    checkpoint = public_case_checkpoint(str(tmp_path / "single_scale.pth"))
+    run = tmp_path / "run"
+    result = run_tool(
+        "eval", "experiment=r50_deformable_detr_single_scale", f"checkpoint={checkpoint}", "dataset=coco",
+        f"dataset.root={os.path.join(PUBLIC_CASE, 'minicoco')}", f"hydra.run.dir={run}", "device=cpu",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = json.loads(open(os.path.join(PUBLIC_CASE, "r50_deformable_detr_single_scale.detections.json")).read())
+    candidate = json.loads((run / "predictions.json").read_text())
+    assert len(candidate) == len(reference) == 200
+    assert matched_fraction(reference, candidate) == 1.0
+    assert set(json.loads((run / "metrics.json").read_text())) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
+
+
+def test_official_files_need_no_experiment_flag(tmp_path):
+    checkpoint = public_case_checkpoint(str(tmp_path / "single_scale.pth"))
+    result = run_tool(
+        "eval", f"checkpoint={checkpoint}", "dataset=coco", f"dataset.root={os.path.join(PUBLIC_CASE, 'minicoco')}",
+        f"hydra.run.dir={tmp_path / 'run'}", "device=cpu", "dataset.eval_batch_size=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "using experiment=r50_deformable_detr_single_scale" in result.stdout

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint with COCO box AP.
+
+    python tools/eval.py checkpoint=outputs/small/RUN/checkpoint_best.pth
+    python tools/eval.py checkpoint=r50_deformable_detr-checkpoint.pth experiment=r50_deformable_detr \
+        dataset=coco dataset.root=/data/coco
+    torchrun --nproc_per_node 8 tools/eval.py checkpoint=... dataset.root=...
+
+This framework's checkpoints carry their config: without model or dataset overrides, the model
+(and data) they were trained with are used. Official release files carry their arguments: without
+``experiment=``, the experiment is read from them. Writes ``predictions.json`` (COCO results) and
+``metrics.json`` (the 12 COCO stats) to hydra.run.dir and prints AP per category.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra import compose  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from config_schema import EvalConfig  # noqa: E402  (importing registers the schemas)
+import runtime  # noqa: E402
+from config_checks import ConfigError, check_config  # noqa: E402
+
+from deformable_detr.engine.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from deformable_detr.engine.evaluate_loop import evaluate  # noqa: E402
+from deformable_detr.engine.rng import seed_everything  # noqa: E402
+from deformable_detr.engine.train_loop import AMP_DTYPES  # noqa: E402
+from deformable_detr.evaluation.coco_evaluator import write_json_atomic  # noqa: E402
+from deformable_detr.models.weights import OFFICIAL_EXPERIMENTS, Recipe, is_official, read_checkpoint, recipe_of_state_dict, convert_official_state_dict, load_weights  # noqa: E402
+from deformable_detr.utils import distributed  # noqa: E402
+
+logger = runtime.logger
+
+
+def user_overrides():
+    return list(HydraConfig.get().overrides.task)
+
+
+def overrode(overrides, *names) -> bool:
+    """Whether the command line set any of ``names`` (a group or a key prefix)."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    return any(k == n or k.startswith(n + ".") or k.startswith(n + "@") for k in keys for n in names)
+
+
+def config_for_checkpoint(cfg: DictConfig, checkpoint) -> DictConfig:
+    """Fill in what the checkpoint knows and the command line did not say."""
+    overrides = user_overrides()
+    if is_official(checkpoint):
+        if overrode(overrides, "experiment", "model"):
+            return cfg
+        args = checkpoint.get("args")
+        hints = vars(args) if isinstance(args, argparse.Namespace) else {}
+        state = convert_official_state_dict(checkpoint["model"])
+        name = recipe_of_state_dict(state, hints).name()
+        if name not in OFFICIAL_EXPERIMENTS:
+            raise ConfigError(f"checkpoint={cfg.checkpoint} is an official file of no official experiment ({name}); set experiment= or model.*")
+        logger.info("checkpoint is an official %s file: using experiment=%s", name, name)
+        return compose(config_name="eval", overrides=overrides + [f"experiment={name}"])
+    saved = checkpoint.get("config")
+    if not isinstance(saved, dict):
+        return cfg
+    keep_dataset = overrode(overrides, "dataset", "experiment")
+    keep_model = overrode(overrides, "model", "experiment")
+    with open_dict(cfg):
+        if not keep_model and "model" in saved:
+            cfg.model = OmegaConf.create(saved["model"])
+            cfg.name = saved.get("name", cfg.name)
+        if not keep_dataset and "dataset" in saved:
+            cfg.dataset = OmegaConf.merge(cfg.dataset, saved["dataset"])
+    return cfg
+
+
+def run(cfg: DictConfig):
+    if cfg.amp not in AMP_DTYPES:
+        raise ConfigError(f"amp={cfg.amp} is not one of null, bf16, fp16")
+    device = init_distributed(runtime.resolve_device(cfg.device))
+    run_dir = runtime.run_directory()
+    runtime.setup_logging(run_dir, "eval.log")
+    seed_everything(cfg.seed)
+    checkpoint = read_checkpoint(cfg.checkpoint)
+    cfg = config_for_checkpoint(cfg, checkpoint)
+    check_config(cfg, EvalConfig)
+    if distributed.is_main_process():
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+
+    root = runtime.dataset_root(cfg.dataset)
+    val_set = runtime.build_dataset(cfg.dataset, "val", root, cfg.seed)
+    loader = runtime.make_loader(val_set, cfg.dataset.eval_batch_size, cfg.dataset.num_workers, False, cfg.seed, device)
+    weights_recipe = Recipe(**checkpoint["recipe"]) if "recipe" in checkpoint else None
+    num_classes = cfg.dataset.num_classes or checkpoint.get("num_classes") or (weights_recipe and weights_recipe.num_classes)
+    if not num_classes:
+        state = convert_official_state_dict(checkpoint["model"]) if is_official(checkpoint) else checkpoint["model"]
+        num_classes = recipe_of_state_dict(state).num_classes or val_set.num_classes
+    if val_set.num_classes > num_classes:
+        logger.warning("the dataset has category ids up to %d but the model predicts %d classes", val_set.num_classes - 1, num_classes)
+
+    # the checkpoint supplies every weight: never fetch ImageNet weights for evaluation
+    with open_dict(cfg):
+        cfg.model.backbone.pretrained = False
+    model = instantiate(cfg.model, num_classes=num_classes).to(device)
+    report = load_weights(model, cfg.checkpoint, allow_new_classes=False, checkpoint=checkpoint)
+    logger.info("loaded %s (%s%s) on %s", cfg.checkpoint, "official " if report.official else "", report.recipe.name(), device)
+    postprocess = instantiate(cfg.postprocess)
+    evaluation = evaluate(model, postprocess, loader, val_set.coco, device, amp=cfg.amp)
+    if evaluation is None:
+        return None
+    write_json_atomic(os.path.join(run_dir, "predictions.json"), evaluation.predictions)
+    write_json_atomic(os.path.join(run_dir, "metrics.json"), evaluation.stats)
+    print(evaluation.table)
+    logger.info("wrote %s and %s", os.path.join(run_dir, "predictions.json"), os.path.join(run_dir, "metrics.json"))
+    return evaluation.stats
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig):
+    try:
+        return run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        logger.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

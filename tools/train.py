@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Train Deformable DETR.
+
+    python tools/train.py                                   # small recipe, synthetic data, CPU-friendly
+    python tools/train.py experiment=r50_deformable_detr dataset.root=/data/coco
+    torchrun --nproc_per_node 8 tools/train.py experiment=... dataset.root=... hydra.run.dir=outputs/run1
+    python tools/train.py hydra.run.dir=outputs/run1        # resumes outputs/run1 where it stopped
+
+The run directory (hydra.run.dir) receives the composed config, logs, TensorBoard events,
+checkpoints (last, best, every N epochs), metrics.json and predictions.json.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from config_schema import TrainConfig  # noqa: E402  (importing registers the schemas)
+import runtime  # noqa: E402
+from config_checks import ConfigError, check_config  # noqa: E402
+
+from deformable_detr.engine.checkpoint import find_resume, load_resumable  # noqa: E402
+from deformable_detr.engine.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from deformable_detr.engine.rng import seed_everything  # noqa: E402
+from deformable_detr.engine.trainer import Trainer  # noqa: E402
+from deformable_detr.engine.train_loop import AMP_DTYPES  # noqa: E402
+from deformable_detr.models.weights import load_weights  # noqa: E402
+from deformable_detr.utils import distributed  # noqa: E402
+
+logger = runtime.logger
+
+
+def train(cfg: DictConfig):
+    check_config(cfg, TrainConfig)
+    settings = instantiate(cfg.trainer)
+    if settings.amp not in AMP_DTYPES:
+        raise ConfigError(f"trainer.amp={settings.amp} is not one of null, bf16, fp16")
+    device = init_distributed(runtime.resolve_device(cfg.device))
+    run_dir = runtime.run_directory()
+    runtime.setup_logging(run_dir, "train.log")
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if rank == 0:
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+    logger.info("run directory %s; %s on %d process(es), device %s", run_dir, cfg.name, world, device)
+    seed_everything(cfg.seed + rank)
+
+    root = runtime.dataset_root(cfg.dataset)
+    train_set = runtime.build_dataset(cfg.dataset, "train", root, cfg.seed)
+    val_set = runtime.build_dataset(cfg.dataset, "val", root, cfg.seed)
+    num_classes = runtime.num_classes_of(cfg.dataset, train_set, val_set)
+    train_loader = runtime.make_loader(train_set, cfg.dataset.batch_size, cfg.dataset.num_workers, True, cfg.seed, device)
+    val_loader = runtime.make_loader(val_set, cfg.dataset.eval_batch_size, cfg.dataset.num_workers, False, cfg.seed, device)
+    logger.info("data: %d train / %d val images, %d classes, %d steps per epoch", len(train_set), len(val_set), num_classes, len(train_loader))
+
+    model = instantiate(cfg.model, num_classes=num_classes).to(device)
+    if cfg.init_weights:
+        report = load_weights(model, cfg.init_weights, allow_new_classes=True)
+        logger.info("initialized from %s (%s)%s", cfg.init_weights, report.recipe.name(), "".join(f"; {m}" for m in report.messages))
+    parameters = sum(p.numel() for p in model.parameters())
+    logger.info("model %s: %.1fM parameters (%.1fM trainable)", cfg.name, parameters / 1e6, sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    criterion = instantiate(cfg.criterion, num_classes=num_classes)
+    postprocess = instantiate(cfg.postprocess)
+    optimizer = instantiate(cfg.optimizer)(model)
+    scheduler = instantiate(cfg.schedule)(optimizer, iters_per_epoch=len(train_loader))
+    scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=cfg.find_unused_parameters
+        )
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    trainer = Trainer(
+        model, criterion, postprocess, optimizer, scheduler, train_loader, val_loader, val_set.coco, device, run_dir, settings,
+        train_model=train_model, scaler=scaler, writer=writer, seed=cfg.seed,
+        extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes},
+    )
+    resume = None
+    if cfg.resume == "auto":
+        resume = find_resume(run_dir)
+    elif cfg.resume:
+        resume = load_resumable(cfg.resume)
+        resume["path"] = cfg.resume
+    if resume is not None:
+        trainer.load_state_dict(resume)
+    stats = trainer.fit()
+    if writer is not None:
+        writer.close()
+    if stats is not None:
+        logger.info("final COCO box AP %.4f (AP50 %.4f); %s", stats["AP"], stats["AP50"], run_dir)
+    return stats
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig):
+    try:
+        return train(cfg)
+    except (ConfigError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
