@@ -115,6 +115,17 @@ def test_backbone_freezing_and_dc5_stride():
         Backbone("resnet18", dilation=True)
 
 
+def test_backbone_from_scratch_trains_everything_with_learned_normalization():
+    backbone = Backbone("resnet18", norm="bn", trainable_layers=5)
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert isinstance(backbone.body.layer1[0].bn1, torch.nn.BatchNorm2d)
+    grouped = Backbone("resnet18", norm="gn", trainable_layers=4)
+    assert isinstance(grouped.body.layer1[0].bn1, torch.nn.GroupNorm)
+    assert not grouped.body.conv1.weight.requires_grad and grouped.body.layer1[0].conv1.weight.requires_grad
+    with pytest.raises(ValueError, match="norm="):
+        Backbone("resnet18", norm="ln")
+
+
 def test_pretrained_offline_error_says_how_to_provide_weights(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")

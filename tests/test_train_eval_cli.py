@@ -110,3 +110,9 @@ def test_two_process_gloo_run(tmp_path, data_root):
     # 8 training images over 2 ranks x batch 2: 2 steps per epoch
     assert checkpoint["step"] == 2
     assert {p["image_id"] for p in predictions} <= set(range(1, 6))
+
+    evaluation = tmp_path / "ddp_eval"
+    result = run_tool("eval", f"checkpoint={run / 'checkpoint_last.pth'}", f"hydra.run.dir={evaluation}", "device=cpu", launcher=torchrun, timeout=600)
+    assert_ok(result)
+    assert "COCO box evaluation on 5 images" in result.stdout
+    assert json.loads((evaluation / "metrics.json").read_text()) == json.loads((run / "metrics.json").read_text())

@@ -1,5 +1,7 @@
 """One epoch of training: data -> loss dict -> backward -> clipped step, with non-finite guards."""
 import logging
+import re
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -34,6 +36,23 @@ def outputs_to_float(outputs):
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(outputs_to_float(v) for v in outputs)
     return outputs
+
+
+def skip_schedule_step(scheduler) -> None:
+    """Advance the schedule over a skipped step, so epochs keep their length in steps."""
+    with warnings.catch_warnings():
+        # the scheduler warns when it runs ahead of the optimizer, which is the point here
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        scheduler.step()
+
+
+def placeholder_batch():
+    """One blank 64x64 image without objects: (1, 3, 64, 64), (1, 64, 64), [target]."""
+    target = {
+        "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": torch.tensor(-1),
+        "orig_size": torch.tensor([64, 64]), "size": torch.tensor([64, 64]), "area": torch.zeros(0), "iscrowd": torch.zeros(0, dtype=torch.int64),
+    }
+    return torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), [target]
 
 
 def all_ranks_finite(value: torch.Tensor) -> bool:
@@ -90,11 +109,23 @@ def train_one_epoch(
     skipped_in_a_row = 0
     step = start_step
     for images, masks, targets in loader:
+        weight = 1.0
+        if images.shape[0] == 0:
+            # every image of this batch was unreadable and skipped
+            if distributed.get_world_size() == 1:
+                skip_schedule_step(scheduler)
+                step += 1
+                if on_step is not None and on_step(step):
+                    break
+                continue
+            # the other ranks step: join them with a placeholder that contributes no gradient
+            images, masks, targets = placeholder_batch()
+            weight = 0.0
         images, masks, targets = to_device(images, masks, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(images, masks)
         losses = criterion(outputs_to_float(outputs), targets)
-        total = criterion.total_loss(losses)
+        total = criterion.total_loss(losses) * weight
 
         optimizer.zero_grad(set_to_none=True)
         if not all_ranks_finite(total):
@@ -109,7 +140,12 @@ def train_one_epoch(
                     f"the loss was NaN or infinite for {skipped_in_a_row} steps in a row (last batch: images {names}); "
                     "lower the learning rate, check those images' annotations, or train without amp"
                 )
-            scheduler.step()
+            if distributed.get_world_size() > 1:
+                # DistributedDataParallel expects the backward of every forward; the gradients
+                # are discarded below
+                total.nan_to_num(0.0, 0.0, 0.0).mul(0.0).backward()
+                optimizer.zero_grad(set_to_none=True)
+            skip_schedule_step(scheduler)
             step += 1
             if on_step is not None and on_step(step):
                 break

@@ -256,6 +256,9 @@ class Trainer:
         )
         if self.epoch_step < self.steps_per_epoch:
             return False
+        skipped = getattr(loader.dataset, "skipped", None)
+        if skipped is not None and skipped.value:
+            logger.warning("%d unreadable training images skipped so far (see the warnings above)", skipped.value)
         minutes = (time.perf_counter() - epoch_start) / 60
         entry = {"epoch": self.epoch, "minutes": round(minutes, 3), **{f"train_{k}": v for k, v in averages.items()}}
         self.history.append(entry)

@@ -17,6 +17,11 @@ _CHANNELS = {
     "resnet101": (512, 1024, 2048),
     "resnet152": (512, 1024, 2048),
 }
+_NORMS = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+    "gn": lambda channels: nn.GroupNorm(32, channels),
+}
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights",
     "resnet34": "ResNet34_Weights",
@@ -27,18 +32,24 @@ _WEIGHTS = {
 
 
 class Backbone(nn.Module):
-    """A torchvision ResNet trunk whose BatchNorm statistics and affine parameters are frozen.
+    """A torchvision ResNet trunk.
 
-    The stem and layer1 are always frozen; layer2-4 train when ``train_backbone`` (the official
-    recipe trains them with a 10x smaller learning rate).
+    The official recipe fine-tunes ImageNet weights: BatchNorm frozen (``norm="frozen_bn"``),
+    the stem and layer1 frozen, layer2-4 trained (``trainable_layers=3``) with a 10x smaller
+    learning rate. Training from scratch needs normalization that learns (``norm="bn"`` or
+    ``"gn"``) and every layer trainable (``trainable_layers=5``).
 
     Args:
         name: ``resnet18|34|50|101|152``.
-        train_backbone: leave layer2-4 trainable.
+        train_backbone: False freezes the whole backbone.
         return_interm_layers: return C3, C4, C5 (strides 8, 16, 32) instead of C5 only.
         dilation: DC5, dilation instead of stride in layer4 (C5 at stride 16).
         pretrained: False (random init), True (torchvision's ImageNet weights, IMAGENET1K_V1 as the
             official recipe used), or a path to a torchvision ResNet state_dict file.
+        norm: ``frozen_bn`` (statistics and affine fixed), ``bn`` (BatchNorm2d) or ``gn``
+            (GroupNorm, 32 groups).
+        trainable_layers: how many of layer4, layer3, layer2, layer1, stem train (0-5), counted from
+            layer4 as in torchvision's detection models.
     Attributes:
         strides: stride of each returned map, e.g. [8, 16, 32].
         num_channels: channels of each returned map, e.g. [512, 1024, 2048].
@@ -51,6 +62,8 @@ class Backbone(nn.Module):
         return_interm_layers: bool = True,
         dilation: bool = False,
         pretrained: Union[bool, str] = False,
+        norm: str = "frozen_bn",
+        trainable_layers: int = 3,
     ):
         super().__init__()
         self.name = name
@@ -59,14 +72,20 @@ class Backbone(nn.Module):
             raise ValueError(f"backbone name={name!r} is not supported; choose one of {sorted(_CHANNELS)}")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101/152), not {name}")
+        if norm not in _NORMS:
+            raise ValueError(f"backbone norm={norm!r} is not one of {sorted(_NORMS)}")
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"backbone trainable_layers={trainable_layers} must be in 0..5")
         resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=_NORMS[norm]
         )
         if pretrained:
             resnet.load_state_dict(_imagenet_state_dict(name, pretrained), strict=False)
+        trainable = ("layer4", "layer3", "layer2", "layer1", "conv1")[:trainable_layers] if train_backbone else ()
+        if "conv1" in trainable:
+            trainable += ("bn1",)
         for param_name, param in resnet.named_parameters():
-            trainable = train_backbone and param_name.startswith(("layer2", "layer3", "layer4"))
-            param.requires_grad_(trainable)
+            param.requires_grad_(param_name.startswith(trainable))
 
         channels = _CHANNELS[name]
         if return_interm_layers:

@@ -68,7 +68,9 @@ class HungarianMatcher(nn.Module):
         Returns:
             per image (query indices, target indices), int64 on the CPU, min(Q, T) long each.
         """
-        costs = self.cost_matrices(outputs, targets).cpu()
+        # a diverged model gives NaN costs, which the solver rejects: match anyway and let the
+        # (then non-finite) loss tell the training loop to skip the step
+        costs = self.cost_matrices(outputs, targets).nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8).cpu()
         indices = []
         for i, t in enumerate(targets):
             rows, cols = linear_sum_assignment(costs[i, :, : len(t["labels"])].numpy())

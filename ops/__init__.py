@@ -1,0 +1,32 @@
+"""Multi-scale deformable attention (Deformable DETR), with compiled CPU and CUDA kernels
+and a pure-PyTorch reference.
+
+    from ops import ms_deform_attn
+    output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+Importing never fails: without a usable build, one warning says how to build and
+everything runs the reference.
+"""
+from .extension import BUILD_HINT, library_error, library_loaded
+from .dispatch import (
+    IMPLEMENTATIONS,
+    KERNEL_DTYPES,
+    available_implementations,
+    implementation_for,
+    kernel_available,
+    ms_deform_attn,
+)
+from .reference import ms_deform_attn_reference
+
+__all__ = [
+    "BUILD_HINT",
+    "IMPLEMENTATIONS",
+    "KERNEL_DTYPES",
+    "available_implementations",
+    "implementation_for",
+    "kernel_available",
+    "library_error",
+    "library_loaded",
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+]

@@ -1,0 +1,145 @@
+"""Training-engine pieces: the step loop's guards, parameter groups, schedule, checkpoint files."""
+import os
+
+import pytest
+import torch
+
+from deformable_detr.engine.checkpoint import CheckpointKeeper, find_resume, save_atomic
+from deformable_detr.engine.optim import build_optimizer, build_scheduler, param_groups
+from deformable_detr.engine.train_loop import NonFiniteLossError, train_one_epoch
+from deformable_detr.models import HungarianMatcher, SetCriterion, loss_weights
+from model_builders import tiny_model
+
+
+class Poisoned(torch.nn.Module):
+    """Wraps a detector; makes the logits NaN for the batches whose first image id is listed."""
+
+    def __init__(self, model, poisoned_ids):
+        super().__init__()
+        self.model = model
+        self.poisoned_ids = set(poisoned_ids)
+        self.current = None
+
+    def forward(self, images, masks):
+        out = self.model(images, masks)
+        if self.current in self.poisoned_ids:
+            out["pred_logits"] = out["pred_logits"] * float("nan")
+        return out
+
+
+def batches(image_ids, size=64):
+    generator = torch.Generator().manual_seed(0)
+    for image_id in image_ids:
+        target = {"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]]), "labels": torch.tensor([3]), "image_id": torch.tensor(image_id)}
+        yield torch.randn(1, 3, size, size, generator=generator), torch.zeros(1, size, size, dtype=torch.bool), [target]
+
+
+class Loader:
+    """Sets ``model.current`` to the image id of the batch it yields."""
+
+    def __init__(self, model, image_ids):
+        self.model, self.image_ids = model, image_ids
+
+    def __iter__(self):
+        for images, masks, targets in batches(self.image_ids):
+            self.model.current = int(targets[0]["image_id"])
+            yield images, masks, targets
+
+
+def setup(poisoned_ids):
+    torch.manual_seed(0)
+    model = Poisoned(tiny_model(), poisoned_ids)
+    criterion = SetCriterion(10, HungarianMatcher(), loss_weights(num_decoder_layers=2))
+    optimizer = build_optimizer(model.model, lr=1e-3, lr_backbone=1e-3)
+    scheduler = build_scheduler(optimizer, iters_per_epoch=100)
+    return model, criterion, optimizer, scheduler
+
+
+def test_a_non_finite_loss_skips_the_step_and_counts_it():
+    model, criterion, optimizer, scheduler = setup(poisoned_ids=[2])
+    seen = []
+
+    def on_step(step):
+        seen.append(step)
+        # parameters only: BatchNorm statistics are updated by every forward pass
+        if step == 1:
+            on_step.after_first = {k: v.detach().clone() for k, v in model.named_parameters()}
+        if step == 2:
+            assert all(torch.equal(v, on_step.after_first[k]) for k, v in model.named_parameters())
+        return False
+
+    train_one_epoch(model, criterion, Loader(model, [1, 2, 3]), optimizer, scheduler, torch.device("cpu"), 0, total_steps=3, on_step=on_step)
+    assert seen == [1, 2, 3] and scheduler.last_epoch == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_too_many_non_finite_steps_in_a_row_abort_naming_the_images():
+    model, criterion, optimizer, scheduler = setup(poisoned_ids=[5, 6, 7])
+    with pytest.raises(NonFiniteLossError, match=r"3 steps in a row .*images 7 \(seven.png\)"):
+        train_one_epoch(
+            model, criterion, Loader(model, [4, 5, 6, 7, 8]), optimizer, scheduler, torch.device("cpu"), 0, total_steps=5,
+            max_nonfinite_steps=3, describe_images=lambda ids: ", ".join(f"{i} (seven.png)" for i in ids),
+        )
+
+
+def test_an_empty_batch_is_skipped_in_a_single_process():
+    model, criterion, optimizer, scheduler = setup(poisoned_ids=[])
+    empty = (torch.zeros(0, 3, 64, 64), torch.zeros(0, 64, 64, dtype=torch.bool), [])
+    loader = [empty] + list(batches([1]))
+    steps = []
+    train_one_epoch(model, criterion, loader, optimizer, scheduler, torch.device("cpu"), 0, total_steps=2, on_step=lambda s: steps.append(s) or False)
+    assert steps == [1, 2] and scheduler.last_epoch == 2
+
+
+def test_parameter_groups_follow_the_official_recipe():
+    model = tiny_model()
+    groups = {g["name"]: g for g in param_groups(model, lr=2e-4, lr_backbone=2e-5, lr_linear_proj_mult=0.1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups["backbone"]["lr"] == 2e-5 and all(names[id(p)].startswith("backbone.") for p in groups["backbone"]["params"])
+    assert groups["linear_proj"]["lr"] == pytest.approx(2e-5)
+    linear = {names[id(p)] for p in groups["linear_proj"]["params"]}
+    assert linear and all("sampling_offsets" in n or "reference_points" in n for n in linear)
+    assert "transformer.reference_points.weight" in linear
+    assert groups["default"]["lr"] == 2e-4
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    grouped = {names[id(p)] for g in groups.values() for p in g["params"]}
+    assert grouped.isdisjoint(frozen) and len(grouped) + len(frozen) == len(names)
+
+
+def test_schedule_steps_at_epoch_milestones_after_warmup():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = build_scheduler(optimizer, iters_per_epoch=10, milestones=[2, 3], gamma=0.1, warmup_iters=4)
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert rates[19] == pytest.approx(1.0) and rates[20] == pytest.approx(0.1) and rates[30] == pytest.approx(0.01)
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_last.pth"
+    save_atomic({"step": 1}, str(path))
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError):
+        save_atomic({"step": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint_last.pth"]
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path):
+    keeper = CheckpointKeeper(str(tmp_path), keep_every=1)
+    state = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "step": 10}
+    keeper.save(state, finished_epoch=0, is_best=False)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_epoch0000.pth", "checkpoint_last.pth"]
+    (tmp_path / "checkpoint_last.pth").write_bytes(b"PK\x03\x04 damaged")
+    found = find_resume(str(tmp_path))
+    assert found["path"].endswith("checkpoint_epoch0000.pth") and found["step"] == 10
+    assert find_resume(str(tmp_path / "empty")) is None
