@@ -121,7 +121,8 @@ def test_content_is_a_valid_and_varied_coco_set(tmp_path):
     assert len(set(images) - with_objects) == 4  # 10% of 40 images are empty
 
     for image in data["images"]:
-        assert 192 <= image["width"] <= 320 and 192 <= image["height"] <= 320
+        low, high = config.min_image_size, config.max_image_size
+        assert low <= image["width"] <= high and low <= image["height"] <= high
         with PIL.Image.open(os.path.join(root, "train2017", image["file_name"])) as stored:
             assert stored.size == (image["width"], image["height"]) and stored.mode == "RGB"
     for annotation in annotations:
@@ -157,3 +158,55 @@ def test_home_directory_is_expanded(tmp_path, monkeypatch):
     root = ensure_synthetic_dataset("~/cache/synthetic", SMALL)
     assert root == str(tmp_path / "cache" / "synthetic")
     assert build_coco_dataset("~/cache/synthetic", "val", make_eval_transforms(size=64, max_size=128)).num_classes == 22
+
+
+def _saturated_hues(rgb):
+    """HSV hue in [0, 1) of the (N, 3) RGB rows in [0, 1] whose saturation exceeds 0.4."""
+    high, low = rgb.max(axis=1), rgb.min(axis=1)
+    keep = (high - low) > 0.4 * np.maximum(high, 1e-9)
+    r, g, b = rgb[keep].T
+    high, spread = high[keep], (high - low)[keep]
+    hue = np.where(high == r, (g - b) / spread, np.where(high == g, 2 + (b - r) / spread, 4 + (r - g) / spread))
+    return (hue / 6.0) % 1.0
+
+
+def _hue_vote_accuracy(colour_by_category, scenes=24):
+    """Share of single-shape scenes whose category is the one whose hue most of the shape's
+    saturated pixels are near (pixels inside the shape's outline)."""
+    import PIL.ImageDraw
+
+    from deformable_detr.data.synthetic_scene import render_scene
+    from deformable_detr.data.synthetic_shapes import SHAPE_CATEGORIES
+
+    hues = {category_id: index / len(SHAPE_CATEGORIES) for index, (category_id, _) in enumerate(SHAPE_CATEGORIES)}
+    correct = 0
+    for index in range(scenes):
+        rng = np.random.default_rng(index)
+        image, objects = render_scene(rng, 96, 96, 1, (0.0, 0.0, 1.0), 0.3, colour_by_category=colour_by_category)
+        assert len(objects) == 1
+        inside = PIL.Image.new("L", (96, 96))
+        PIL.ImageDraw.Draw(inside).polygon(objects[0].outline, fill=1)
+        pixels = image[np.asarray(inside, dtype=bool)].astype(np.float64) / 255
+        pixel_hues = _saturated_hues(pixels)
+
+        def votes(hue):
+            distance = np.abs(pixel_hues - hue)
+            return int((np.minimum(distance, 1 - distance) < 0.07).sum())
+
+        correct += max(hues, key=lambda category_id: votes(hues[category_id])) == objects[0].category_id
+    return correct / scenes
+
+
+def test_colour_by_category_makes_hue_a_class_cue():
+    assert _hue_vote_accuracy(True) >= 0.9
+    assert _hue_vote_accuracy(False) <= 0.6
+
+
+def test_colour_choice_is_part_of_the_manifest(tmp_path):
+    root = ensure_synthetic_dataset(str(tmp_path / "synthetic"), SMALL)
+    with open(os.path.join(root, MANIFEST_NAME)) as handle:
+        assert json.load(handle)["parameters"]["colour_by_category"] is True
+    random_colours = SyntheticConfig(**{**SMALL.__dict__, "colour_by_category": False})
+    ensure_synthetic_dataset(root, random_colours)
+    with open(os.path.join(root, MANIFEST_NAME)) as handle:
+        assert json.load(handle)["parameters"]["colour_by_category"] is False

@@ -28,13 +28,14 @@ class SyntheticParams:
     seed: int = 0
     num_train_images: int = 800
     num_val_images: int = 200
-    min_image_size: int = 192
-    max_image_size: int = 320
+    min_image_size: int = 160
+    max_image_size: int = 224
     min_objects: int = 1
     max_objects: int = 6
     empty_image_fraction: float = 0.03
     min_visible_fraction: float = 0.3
     size_probabilities: List[float] = field(default_factory=lambda: [0.35, 0.4, 0.25])
+    colour_by_category: bool = True
 
 
 @dataclass

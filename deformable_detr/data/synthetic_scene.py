@@ -1,9 +1,10 @@
 """One synthetic image: shapes on a textured background, with occlusion-aware annotations."""
 from __future__ import annotations
 
+import colorsys
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,6 +22,7 @@ _MIN_SIDE = 6  # pixels; smaller shapes are not recognizable
 _PLACEMENT_TRIES = 10
 _COLOUR_TRIES = 8
 _MIN_CONTRAST = 80.0  # RGB distance between a shape and what it covers
+_HUE_JITTER = 0.04  # hue spread of category-coloured shapes; neighbouring categories are 1/6 apart
 
 
 @dataclass
@@ -46,12 +48,22 @@ def _target_area(rng: np.random.Generator, size_probabilities: Sequence[float], 
     return SIZE_AREA_RANGES[0][0]
 
 
-def _pick_colour(rng: np.random.Generator, covered: np.ndarray) -> np.ndarray:
-    """Colour far from the mean of the pixels it will cover; the farthest of a few draws otherwise."""
+def _hue_colour(rng: np.random.Generator, hue: float) -> np.ndarray:
+    """Saturated, bright RGB colour near ``hue`` (in [0, 1)), (3,) float32 in [0, 255]."""
+    jittered = (hue + rng.uniform(-_HUE_JITTER, _HUE_JITTER)) % 1.0
+    rgb = colorsys.hsv_to_rgb(jittered, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
+    return np.asarray(rgb, dtype=np.float32) * 255.0
+
+
+def _pick_colour(rng: np.random.Generator, covered: np.ndarray, hue: Optional[float]) -> np.ndarray:
+    """Colour far from the mean of the pixels it will cover; the farthest of a few draws otherwise.
+
+    With ``hue`` the draws stay near that hue (category-coloured shapes); without, any RGB colour.
+    """
     reference = covered.mean(axis=0)
     best, best_distance = None, -1.0
     for _ in range(_COLOUR_TRIES):
-        colour = random_colour(rng)
+        colour = random_colour(rng) if hue is None else _hue_colour(rng, hue)
         distance = float(np.linalg.norm(colour - reference))
         if distance > best_distance:
             best, best_distance = colour, distance
@@ -67,6 +79,7 @@ def render_scene(
     num_objects: int,
     size_probabilities: Sequence[float],
     min_visible_fraction: float,
+    colour_by_category: bool = False,
 ) -> Tuple[np.ndarray, List[SceneObject]]:
     """Draw up to ``num_objects`` shapes over a random background.
 
@@ -82,7 +95,8 @@ def render_scene(
     visible: List[int] = []
     full: List[int] = []
     for _ in range(num_objects):
-        category_id, name = SHAPE_CATEGORIES[int(rng.integers(len(SHAPE_CATEGORIES)))]
+        category_index = int(rng.integers(len(SHAPE_CATEGORIES)))
+        category_id, name = SHAPE_CATEGORIES[category_index]
         area = _target_area(rng, size_probabilities, width * height)
         aspect = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
         box_area = area / FILL_RATIO[name]
@@ -103,7 +117,8 @@ def render_scene(
         else:
             continue
         region = canvas[y0 : y0 + box_h, x0 : x0 + box_w]
-        colour = _pick_colour(rng, region[mask])
+        hue = category_index / len(SHAPE_CATEGORIES) if colour_by_category else None
+        colour = _pick_colour(rng, region[mask], hue)
         # Mild shading and grain so shapes are not perfectly flat.
         shade = np.linspace(-1, 1, box_w, dtype=np.float32)[None, :] * rng.uniform(-20, 20)
         grain = rng.normal(0, 5, size=(box_h, box_w)).astype(np.float32)
