@@ -28,7 +28,7 @@ from config_schema import EvalConfig  # noqa: E402  (importing registers the sch
 import runtime  # noqa: E402
 from config_checks import ConfigError, check_config  # noqa: E402
 
-from deformable_detr.engine.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from deformable_detr.engine.distributed import init_distributed  # noqa: E402
 from deformable_detr.engine.evaluate_loop import evaluate  # noqa: E402
 from deformable_detr.engine.rng import seed_everything  # noqa: E402
 from deformable_detr.engine.train_loop import AMP_DTYPES  # noqa: E402
@@ -120,14 +120,7 @@ def run(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig):
-    try:
-        return run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        logger.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        shutdown_distributed()
+    return runtime.run_reporting_errors(run, cfg, (ConfigError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

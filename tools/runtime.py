@@ -3,7 +3,7 @@ import logging
 import os
 import shutil
 import sys
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Type
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +21,7 @@ from deformable_detr.data import (
     make_eval_transforms,
     make_train_transforms,
 )
+from deformable_detr.engine.distributed import shutdown_distributed
 from deformable_detr.utils import distributed
 
 logger = logging.getLogger("deformable_detr")
@@ -127,3 +128,17 @@ def num_classes_of(cfg: DictConfig, *datasets) -> int:
     if cfg.num_classes is not None:
         return int(cfg.num_classes)
     return max(d.num_classes for d in datasets)
+
+
+def run_reporting_errors(function: Callable[[DictConfig], object], cfg: DictConfig, expected: Tuple[Type[BaseException], ...]):
+    """Run ``function(cfg)``. An ``expected`` error (a bad config key, a missing file) is a user's
+    mistake, not a bug: it is logged and printed as one ``error:`` line and the process exits
+    with status 2, without a traceback. The process group is shut down in every case."""
+    try:
+        return function(cfg)
+    except expected as error:
+        logger.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        shutdown_distributed()

@@ -24,7 +24,7 @@ import runtime  # noqa: E402
 from config_checks import ConfigError, check_config  # noqa: E402
 
 from deformable_detr.engine.checkpoint import find_resume, load_resumable  # noqa: E402
-from deformable_detr.engine.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from deformable_detr.engine.distributed import init_distributed  # noqa: E402
 from deformable_detr.engine.rng import seed_everything  # noqa: E402
 from deformable_detr.engine.trainer import Trainer  # noqa: E402
 from deformable_detr.engine.train_loop import AMP_DTYPES  # noqa: E402
@@ -101,14 +101,7 @@ def train(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig):
-    try:
-        return train(cfg)
-    except (ConfigError, FileNotFoundError) as error:
-        logger.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        shutdown_distributed()
+    return runtime.run_reporting_errors(train, cfg, (ConfigError, FileNotFoundError))
 
 
 if __name__ == "__main__":
