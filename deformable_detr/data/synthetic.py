@@ -10,14 +10,15 @@
 
 which ``build_coco_dataset(root, split, ...)`` then reads like COCO itself.
 
-Content: shapes of ``SHAPE_CATEGORIES`` (category ids 2, 3, 5, 8, 13, 21) in colours
-of a hue per category (or random colours, ``colour_by_category=False``) over textured backgrounds (noise, gradients, stripes, checkers, blotches). Object
-areas aim at COCO's small / medium / large classes with ``size_probabilities``. Later
-shapes occlude earlier ones; a placement that would leave an earlier shape less than
-``min_visible_fraction`` visible is moved or abandoned, so every visible shape is
-annotated. ``bbox`` is the extent of the visible pixels, ``area`` their count (COCO's size
-classes use it), ``segmentation`` the shape's unoccluded outline polygon. A share
-``empty_image_fraction`` of the images holds no object.
+Content: shapes of ``SHAPE_CATEGORIES`` (category ids 2, 3, 5, 8, 13, 21) in colours of a
+hue per category (or random colours, ``colour_by_category=False``) over textured
+backgrounds (noise, gradients, stripes, checkers, blotches). Object areas aim at COCO's
+small / medium / large classes with ``size_probabilities``. Later shapes occlude earlier
+ones; a placement that would leave an earlier shape less than ``min_visible_fraction``
+visible is moved or abandoned, so every visible shape is annotated. ``bbox`` is the extent
+of the visible pixels, ``area`` their count (COCO's size classes use it), ``segmentation``
+the shape's unoccluded outline polygon. A share ``empty_image_fraction`` of the images
+holds no object.
 
 Each image is a function of (seed, split, index) only, and files are written with fixed
 settings, so equal parameters give byte-identical files.
