@@ -117,6 +117,21 @@ LevelCover check_levels(const at::Tensor& spatial_shapes, const at::Tensor& leve
   return cover;
 }
 
+// The inputs both directions read; the caller adds its outputs.
+template <typename scalar_t>
+Arguments<scalar_t> input_arguments(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                    const at::Tensor& attention_weights, const Layout& layout) {
+  Arguments<scalar_t> a{};
+  a.value = value.data_ptr<scalar_t>();
+  a.shapes = spatial_shapes.data_ptr<int64_t>();
+  a.starts = level_start_index.data_ptr<int64_t>();
+  a.locations = sampling_locations.data_ptr<scalar_t>();
+  a.weights = attention_weights.data_ptr<scalar_t>();
+  a.layout = layout;
+  return a;
+}
+
 at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
                        const at::Tensor& level_start_index_in, const at::Tensor& sampling_locations_in,
                        const at::Tensor& attention_weights_in) {
@@ -134,14 +149,9 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_sha
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    Arguments<scalar_t> a{};
-    a.value = value.data_ptr<scalar_t>();
-    a.shapes = spatial_shapes.data_ptr<int64_t>();
-    a.starts = level_start_index.data_ptr<int64_t>();
-    a.locations = sampling_locations.data_ptr<scalar_t>();
-    a.weights = attention_weights.data_ptr<scalar_t>();
+    Arguments<scalar_t> a = input_arguments<scalar_t>(value, spatial_shapes, level_start_index,
+                                                      sampling_locations, attention_weights, layout);
     a.output = output.data_ptr<scalar_t>();
-    a.layout = layout;
     const bool avx2 = use_avx2();
     const bool slices = use_slices(layout);
     // Tasks are (n, m, q) with q fastest, so a thread's range covers few heads.
@@ -198,17 +208,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   const bool split_levels = pairs < at::get_num_threads() && cover.disjoint && layout.levels > 1;
   const int64_t level_parts = split_levels ? layout.levels : 1;
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    Arguments<scalar_t> a{};
-    a.value = value.data_ptr<scalar_t>();
-    a.shapes = spatial_shapes.data_ptr<int64_t>();
-    a.starts = level_start_index.data_ptr<int64_t>();
-    a.locations = sampling_locations.data_ptr<scalar_t>();
-    a.weights = attention_weights.data_ptr<scalar_t>();
+    Arguments<scalar_t> a = input_arguments<scalar_t>(value, spatial_shapes, level_start_index,
+                                                      sampling_locations, attention_weights, layout);
     a.grad_output = grad_output.data_ptr<scalar_t>();
     a.grad_value = grad_value.data_ptr<scalar_t>();
     a.grad_locations = grad_locations.data_ptr<scalar_t>();
     a.grad_weights = grad_weights.data_ptr<scalar_t>();
-    a.layout = layout;
     const bool avx2 = use_avx2();
     const int64_t work = 8 * layout.queries * (layout.levels / level_parts) * layout.points * layout.channels;
     at::parallel_for(0, pairs * level_parts, grain_for(work), [&](int64_t begin, int64_t end) {
