@@ -143,3 +143,23 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path):
     found = find_resume(str(tmp_path))
     assert found["path"].endswith("checkpoint_epoch0000.pth") and found["step"] == 10
     assert find_resume(str(tmp_path / "empty")) is None
+
+
+def test_bf16_autocast_trains_in_float32_weights():
+    model, criterion, optimizer, scheduler = setup(poisoned_ids=[])
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    train_one_epoch(model, criterion, Loader(model, [1, 2]), optimizer, scheduler, torch.device("cpu"), 0, total_steps=2, amp="bf16")
+    after = dict(model.named_parameters())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after.values())
+    assert not torch.equal(after["model.class_embed.0.weight"], before["model.class_embed.0.weight"])
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags():
+    from deformable_detr.engine.trainer import cpu_has_native_bf16
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = set(next(line for line in handle if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)

@@ -210,3 +210,21 @@ def test_colour_choice_is_part_of_the_manifest(tmp_path):
     ensure_synthetic_dataset(root, random_colours)
     with open(os.path.join(root, MANIFEST_NAME)) as handle:
         assert json.load(handle)["parameters"]["colour_by_category"] is False
+
+
+def test_min_small_area_bounds_the_smallest_shapes():
+    from deformable_detr.data.synthetic_scene import render_scene
+
+    def smallest(min_small_area):
+        areas = []
+        for index in range(30):
+            # one small shape per scene: no occlusion, so the area is the drawn shape's
+            _, objects = render_scene(np.random.default_rng(index), 96, 96, 1, (1.0, 0.0, 0.0), 0.3, min_small_area=min_small_area)
+            areas += [scene_object.area for scene_object in objects]
+        return min(areas), max(areas)
+
+    low, high = smallest(300.0)
+    assert 0.85 * 300 <= low and high < 32**2
+    assert smallest(80.0)[0] < 300 * 0.85
+    with pytest.raises(ValueError, match="min_small_area"):
+        SyntheticConfig(min_small_area=1000)

@@ -33,9 +33,10 @@ class SyntheticParams:
     min_objects: int = 1
     max_objects: int = 6
     empty_image_fraction: float = 0.03
-    min_visible_fraction: float = 0.3
-    size_probabilities: List[float] = field(default_factory=lambda: [0.35, 0.4, 0.25])
+    min_visible_fraction: float = 0.6
+    size_probabilities: List[float] = field(default_factory=lambda: [0.15, 0.45, 0.4])
     colour_by_category: bool = True
+    min_small_area: float = 300.0
 
 
 @dataclass

@@ -66,7 +66,8 @@ class SyntheticConfig:
     Image sides are drawn independently in [min_image_size, max_image_size] pixels; each
     non-empty image gets [min_objects, max_objects] placement attempts (fewer objects when
     a placement fails the visibility rule). ``size_probabilities`` weights the small /
-    medium / large area classes. ``colour_by_category`` gives each category its own hue
+    medium / large area classes; small objects cover at least ``min_small_area`` pixels
+    before occlusion. ``colour_by_category`` gives each category its own hue
     (shape alone is then not the only cue, which lets a small model learn in minutes);
     False draws every colour at random, a harder task.
     """
@@ -79,9 +80,10 @@ class SyntheticConfig:
     min_objects: int = 1
     max_objects: int = 6
     empty_image_fraction: float = 0.03
-    min_visible_fraction: float = 0.3
-    size_probabilities: Tuple[float, float, float] = (0.35, 0.4, 0.25)
+    min_visible_fraction: float = 0.6
+    size_probabilities: Tuple[float, float, float] = (0.15, 0.45, 0.4)
     colour_by_category: bool = True
+    min_small_area: float = 300.0
 
     def __post_init__(self) -> None:
         def check(condition: bool, problem: str) -> None:
@@ -98,6 +100,7 @@ class SyntheticConfig:
         check(0 <= self.min_objects <= self.max_objects, "needs 0 <= min_objects <= max_objects")
         check(0.0 <= self.empty_image_fraction <= 1.0, "empty_image_fraction must be in [0, 1]")
         check(0.0 <= self.min_visible_fraction <= 1.0, "min_visible_fraction must be in [0, 1]")
+        check(36 <= self.min_small_area < 900, f"min_small_area={self.min_small_area} must be in [36, 900) pixels")
         probabilities = tuple(float(p) for p in self.size_probabilities)
         check(
             len(probabilities) == 3 and min(probabilities) >= 0 and abs(sum(probabilities) - 1.0) < 1e-6,
@@ -155,6 +158,7 @@ def synthetic_split(directory: str, split: str, config: SyntheticConfig) -> dict
             config.size_probabilities,
             config.min_visible_fraction,
             colour_by_category=config.colour_by_category,
+            min_small_area=config.min_small_area,
         )
         image_id = index + 1
         file_name = f"{image_id:012d}.png"

@@ -36,16 +36,17 @@ class SceneObject:
     outline: List[float]
 
 
-def _target_area(rng: np.random.Generator, size_probabilities: Sequence[float], image_area: float) -> float:
+def _target_area(rng: np.random.Generator, size_probabilities: Sequence[float], image_area: float, min_small_area: float) -> float:
     size_class = int(rng.choice(3, p=np.asarray(size_probabilities, dtype=np.float64)))
     # Large objects may not cover more than about half of a small image.
     limit = 0.45 * image_area
     for candidate in range(size_class, -1, -1):
         low, high = SIZE_AREA_RANGES[candidate]
+        low = max(low, min_small_area) if candidate == 0 else low
         high = min(high, limit)
         if high > low:
             return float(math.exp(rng.uniform(math.log(low), math.log(high))))
-    return SIZE_AREA_RANGES[0][0]
+    return max(SIZE_AREA_RANGES[0][0], min_small_area)
 
 
 def _hue_colour(rng: np.random.Generator, hue: float) -> np.ndarray:
@@ -80,6 +81,7 @@ def render_scene(
     size_probabilities: Sequence[float],
     min_visible_fraction: float,
     colour_by_category: bool = False,
+    min_small_area: float = SIZE_AREA_RANGES[0][0],
 ) -> Tuple[np.ndarray, List[SceneObject]]:
     """Draw up to ``num_objects`` shapes over a random background.
 
@@ -97,7 +99,7 @@ def render_scene(
     for _ in range(num_objects):
         category_index = int(rng.integers(len(SHAPE_CATEGORIES)))
         category_id, name = SHAPE_CATEGORIES[category_index]
-        area = _target_area(rng, size_probabilities, width * height)
+        area = _target_area(rng, size_probabilities, width * height, min_small_area)
         aspect = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
         box_area = area / FILL_RATIO[name]
         box_w = int(round(min(max(math.sqrt(box_area * aspect), _MIN_SIDE), width - 2)))

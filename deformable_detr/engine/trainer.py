@@ -48,6 +48,16 @@ class TrainerSettings:
     score_threshold: float = 0.3
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, slower than float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
+    except RuntimeError:
+        return False
+
+
 class StopRequest:
     """SIGTERM/SIGINT ask for a stop at the end of the current step (with a checkpoint); a second
     SIGINT interrupts at once. All ranks agree on stopping so none waits in a collective."""
@@ -123,6 +133,8 @@ class Trainer:
         self.epoch_step = 0
         self.step = 0
         self.best: Optional[float] = None
+        if settings.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            logger.warning("trainer.amp=bf16 on a CPU without native bfloat16 instructions is emulated and slow; trainer.amp=null is faster here")
         self.history: List[Dict[str, Any]] = []
         self.last_evaluation = None
 
