@@ -160,16 +160,6 @@ def test_home_directory_is_expanded(tmp_path, monkeypatch):
     assert build_coco_dataset("~/cache/synthetic", "val", make_eval_transforms(size=64, max_size=128)).num_classes == 22
 
 
-def _saturated_hues(rgb):
-    """HSV hue in [0, 1) of the (N, 3) RGB rows in [0, 1] whose saturation exceeds 0.4."""
-    high, low = rgb.max(axis=1), rgb.min(axis=1)
-    keep = (high - low) > 0.4 * np.maximum(high, 1e-9)
-    r, g, b = rgb[keep].T
-    high, spread = high[keep], (high - low)[keep]
-    hue = np.where(high == r, (g - b) / spread, np.where(high == g, 2 + (b - r) / spread, 4 + (r - g) / spread))
-    return (hue / 6.0) % 1.0
-
-
 def _hue_vote_accuracy(colour_by_category, scenes=24):
     """Share of single-shape scenes whose category is the one whose hue most of the shape's
     saturated pixels are near (pixels inside the shape's outline)."""
@@ -186,8 +176,8 @@ def _hue_vote_accuracy(colour_by_category, scenes=24):
         assert len(objects) == 1
         inside = PIL.Image.new("L", (96, 96))
         PIL.ImageDraw.Draw(inside).polygon(objects[0].outline, fill=1)
-        pixels = image[np.asarray(inside, dtype=bool)].astype(np.float64) / 255
-        pixel_hues = _saturated_hues(pixels)
+        hsv = np.asarray(PIL.Image.fromarray(image).convert("HSV"))[np.asarray(inside, dtype=bool)]
+        pixel_hues = hsv[hsv[:, 1] > 0.4 * 255, 0] / 256.0  # hue in [0, 1) of the saturated pixels
 
         def votes(hue):
             distance = np.abs(pixel_hues - hue)

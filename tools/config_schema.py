@@ -7,6 +7,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from deformable_detr.data.synthetic import SyntheticConfig
+
 
 @dataclass
 class TrainTransforms:
@@ -23,20 +25,24 @@ class EvalTransforms:
     max_size: int = 1333
 
 
+# The synthetic dataset's defaults live in ``SyntheticConfig``; this schema only types them for Hydra.
+_SYNTHETIC = SyntheticConfig()
+
+
 @dataclass
 class SyntheticParams:
-    seed: int = 0
-    num_train_images: int = 800
-    num_val_images: int = 200
-    min_image_size: int = 160
-    max_image_size: int = 224
-    min_objects: int = 1
-    max_objects: int = 6
-    empty_image_fraction: float = 0.03
-    min_visible_fraction: float = 0.6
-    size_probabilities: List[float] = field(default_factory=lambda: [0.15, 0.45, 0.4])
-    colour_by_category: bool = True
-    min_small_area: float = 300.0
+    seed: int = _SYNTHETIC.seed
+    num_train_images: int = _SYNTHETIC.num_train_images
+    num_val_images: int = _SYNTHETIC.num_val_images
+    min_image_size: int = _SYNTHETIC.min_image_size
+    max_image_size: int = _SYNTHETIC.max_image_size
+    min_objects: int = _SYNTHETIC.min_objects
+    max_objects: int = _SYNTHETIC.max_objects
+    empty_image_fraction: float = _SYNTHETIC.empty_image_fraction
+    min_visible_fraction: float = _SYNTHETIC.min_visible_fraction
+    size_probabilities: List[float] = field(default_factory=lambda: list(_SYNTHETIC.size_probabilities))
+    colour_by_category: bool = _SYNTHETIC.colour_by_category
+    min_small_area: float = _SYNTHETIC.min_small_area
 
 
 @dataclass

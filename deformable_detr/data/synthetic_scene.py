@@ -15,7 +15,7 @@ __all__ = ["SIZE_AREA_RANGES", "SceneObject", "render_scene"]
 
 # Pixel-area ranges aimed at for COCO's small (< 32^2), medium (< 96^2) and large objects.
 # They stay clear of the class borders because occlusion and rasterization shift the
-# final area a little.
+# final area a little. The small range starts at ``min_small_area`` (80 unless set).
 SIZE_AREA_RANGES = ((80.0, 900.0), (1200.0, 8000.0), (10000.0, 40000.0))
 
 _MIN_SIDE = 6  # pixels; smaller shapes are not recognizable
@@ -42,11 +42,11 @@ def _target_area(rng: np.random.Generator, size_probabilities: Sequence[float], 
     limit = 0.45 * image_area
     for candidate in range(size_class, -1, -1):
         low, high = SIZE_AREA_RANGES[candidate]
-        low = max(low, min_small_area) if candidate == 0 else low
+        low = min_small_area if candidate == 0 else low
         high = min(high, limit)
         if high > low:
             return float(math.exp(rng.uniform(math.log(low), math.log(high))))
-    return max(SIZE_AREA_RANGES[0][0], min_small_area)
+    return min_small_area
 
 
 def _hue_colour(rng: np.random.Generator, hue: float) -> np.ndarray:
