@@ -1,7 +1,7 @@
 """Multi-scale deformable attention (Deformable DETR), with compiled CPU and CUDA kernels
 and a pure-PyTorch reference.
 
-    from ops import ms_deform_attn
+    from deformable_detr_ops import ms_deform_attn
     output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 Importing never fails: without a usable build, one warning says how to build and

@@ -1,13 +1,15 @@
-"""Loading of the compiled kernels (``ops/_C``): at most one warning, never an error.
+"""Loading of the compiled kernels (``deformable_detr_ops._C``, built from ``ops/csrc`` on install):
+at most one warning, never an error.
 
 The library defines ``torch.ops.deformable_attention.ms_deform_attn_forward`` and
 ``..._backward`` with CPU (float32, float64) and, when built with CUDA, CUDA
 (float16, bfloat16, float32, float64) kernels. When it is missing, disabled or
 unusable, ``ms_deform_attn`` runs the pure-PyTorch reference instead.
 """
-import importlib
+import importlib.machinery
 import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -16,8 +18,8 @@ import torch
 DISABLE_VARIABLE = "MS_DEFORM_ATTN_NO_EXTENSION"
 
 BUILD_HINT = (
-    "Build them against the installed torch with `bash scripts/build_ops.sh` from the repository root "
-    "(or `python ops/setup.py build_ext --inplace`); a GPU is not needed to compile the CUDA kernel."
+    "Build them against the installed torch with `pip install --no-build-isolation -e .` from the repository "
+    "root (or `bash scripts/build_ops.sh`); a GPU is not needed to compile the CUDA kernel."
 )
 
 _MODULE = __name__.rsplit(".", 1)[0] + "._C"
@@ -31,14 +33,15 @@ def _load():
     """Returns (module or None, reason it is not usable or None, whether to warn)."""
     if os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0"):
         return None, f"disabled by {DISABLE_VARIABLE}", False
-    try:
-        found = importlib.util.find_spec(_MODULE) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    # Only a library next to these sources is theirs: a finder that maps the package name
+    # elsewhere (an editable install of another checkout) must not hand us its build.
+    spec = importlib.machinery.PathFinder.find_spec(_MODULE, [os.path.dirname(os.path.abspath(__file__))])
+    if spec is None:
         return None, "not built", True
     try:
-        module = importlib.import_module(_MODULE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[_MODULE] = module
     except Exception as error:  # e.g. undefined symbols of a build against another torch
         return None, f"not loadable ({type(error).__name__}: {error})", True
     built_against = getattr(module, "torch_version", "unknown")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the multi-scale deformable attention kernels in place (ops/_C*.so) against the torch
-# installed in the current Python environment, then check that they load.
+# Rebuild the multi-scale deformable attention kernels (deformable_detr_ops._C, from ops/csrc)
+# against the torch installed in the current Python environment, in place, then check that they
+# load. `pip install -e .` already builds them; run this after changing torch or the C++/CUDA code.
 #
 #   scripts/build_ops.sh
 #
@@ -12,21 +13,21 @@
 #                           limited to what nvcc supports)
 #   CUDA_HOME               CUDA toolkit (default: found from nvcc)
 #   MAX_JOBS                parallel compile jobs
-# Extra arguments go to "setup.py build_ext" (e.g. --force to rebuild everything).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python}
 
-"$PYTHON" "$ROOT/ops/setup.py" build_ext --inplace "$@"
+# No build isolation: compile against the torch of this environment, not a freshly pinned one.
+"$PYTHON" -m pip install --no-build-isolation --no-deps -e "$ROOT"
 
-cd "$ROOT"
+cd /
 "$PYTHON" - <<'CHECK'
 import warnings
 
 with warnings.catch_warnings():
     warnings.simplefilter("error")  # a build that does not load must fail here, not warn later
-    import ops
+    import deformable_detr_ops as ops
 
 print(f"ms_deform_attn kernels: cpu={ops.kernel_available('cpu')} cuda={ops.kernel_available('cuda')}")
 CHECK

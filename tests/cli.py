@@ -3,15 +3,12 @@ import os
 import subprocess
 import sys
 
+import config_schema  # noqa: F401  (importing registers the schemas; tools/ is on pytest's pythonpath)
 from hydra import compose, initialize_config_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 TEST_CONFIGS = os.path.join(ROOT, "tests", "configs")
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
-
-import config_schema  # noqa: E402,F401  (registers the schemas)
 
 
 def compose_config(name="train", overrides=()):

@@ -1,7 +1,2 @@
-import os
-import sys
-
-# Tests import the repository's packages (deformable_detr, ops) from the checkout.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+"""The packages under test (deformable_detr, deformable_detr_ops) are the installed ones:
+`pip install -e .` from the repository root installs them from this checkout."""

@@ -1,6 +1,5 @@
 """Every experiment composes and instantiates; typos are rejected naming the key."""
 import pytest
-import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError
@@ -33,7 +32,7 @@ def test_every_experiment_composes_and_instantiates(config_name, experiment):
     assert ("loss_ce_enc" in criterion.weight_dict) == model.two_stage
     optimizer = instantiate(cfg.optimizer)(model)
     assert {g["name"] for g in optimizer.param_groups} == {"default", "backbone", "linear_proj"}
-    scheduler = instantiate(cfg.schedule)(optimizer, iters_per_epoch=10)
+    instantiate(cfg.schedule)(optimizer, iters_per_epoch=10)
     assert isinstance(instantiate(cfg.trainer), TrainerSettings)
     instantiate(cfg.postprocess)
 

@@ -31,7 +31,8 @@ def test_every_recipe_has_the_official_keys_and_loads_its_checkpoint(experiment,
     saved = torch.load(path, weights_only=False)["model"]
     own = model.state_dict()
     for key, value in saved.items():
-        ours = key.replace("backbone.0.", "backbone.", 1).replace("transformer.decoder.bbox_embed.", "bbox_embed.").replace("transformer.decoder.class_embed.", "class_embed.")
+        ours = key.replace("backbone.0.", "backbone.", 1)
+        ours = ours.replace("transformer.decoder.bbox_embed.", "bbox_embed.").replace("transformer.decoder.class_embed.", "class_embed.")
         assert torch.equal(own[ours], value), key
 
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import ops
-from ops import ms_deform_attn
-from ops.testing import make_inputs
+import deformable_detr_ops as ops
+from deformable_detr_ops import ms_deform_attn
+from deformable_detr_ops.testing import make_inputs
 
 requires_kernel = pytest.mark.skipif(
     not ops.library_loaded(), reason=f"the compiled kernels are not built. {ops.BUILD_HINT}"

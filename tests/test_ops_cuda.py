@@ -3,9 +3,9 @@ the library was built without CUDA."""
 import pytest
 import torch
 
-import ops
-from ops import ms_deform_attn, ms_deform_attn_reference
-from ops.testing import make_inputs
+import deformable_detr_ops as ops
+from deformable_detr_ops import ms_deform_attn, ms_deform_attn_reference
+from deformable_detr_ops.testing import make_inputs
 
 DEVICE = "cuda"
 
@@ -66,7 +66,6 @@ def widen(inputs):
 
 
 def test_auto_dispatches_to_the_kernel(monkeypatch):
-    import ops.dispatch
 
     def refuse(*args):
         raise AssertionError("the reference ran instead of the compiled kernel")

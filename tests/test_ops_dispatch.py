@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 
-import ops
-from ops import ms_deform_attn, ms_deform_attn_reference
-from ops.testing import make_inputs
+import deformable_detr_ops as ops
+from deformable_detr_ops import ms_deform_attn, ms_deform_attn_reference
+from deformable_detr_ops.testing import make_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(4, 5), (2, 3)]
@@ -130,7 +130,7 @@ def test_half_types_on_cpu_run_the_reference(dtype):
 
 
 def run_python(code, ops_parent, environment=None):
-    """Runs `code` in a fresh interpreter that imports `ops` from ops_parent; returns stdout."""
+    """Runs `code` in a fresh interpreter that imports the op package from ops_parent; returns stdout."""
     env = {key: value for key, value in os.environ.items() if key != "MS_DEFORM_ATTN_NO_EXTENSION"}
     env.update(PYTHONPATH=ops_parent, **(environment or {}))
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ops_parent, env=env,
@@ -144,8 +144,8 @@ IMPORT_AND_RUN = """
     warnings.simplefilter("always")
     with warnings.catch_warnings(record=True) as caught:
         import torch
-        import ops
-        from ops.testing import make_inputs
+        import deformable_detr_ops as ops
+        from deformable_detr_ops.testing import make_inputs
         value, shapes, starts, locations, weights = make_inputs([(3, 4)], batch=1, heads=2, channels=3, queries=5,
                                                                 points=2)
         value.requires_grad_()
@@ -163,8 +163,8 @@ IMPORT_AND_RUN = """
 
 
 def copy_of_ops(directory):
-    """A copy of ops/ without any compiled library, under directory/ops."""
-    shutil.copytree(os.path.join(ROOT, "ops"), os.path.join(directory, "ops"),
+    """A copy of ops/ without any compiled library, as directory/deformable_detr_ops."""
+    shutil.copytree(os.path.join(ROOT, "ops"), os.path.join(directory, "deformable_detr_ops"),
                     ignore=shutil.ignore_patterns("_C*", "build", "__pycache__"))
     return str(directory)
 
@@ -172,7 +172,7 @@ def copy_of_ops(directory):
 def test_import_without_build_warns_once_and_uses_reference(tmp_path):
     count, message, error = run_python(IMPORT_AND_RUN, copy_of_ops(tmp_path)).splitlines()
     assert count == "1"
-    assert "not built" in message and "scripts/build_ops.sh" in message
+    assert "not built" in message and "pip install" in message
     assert error == "not built"
 
 
@@ -180,11 +180,11 @@ def test_import_with_broken_build_warns_once_and_uses_reference(tmp_path):
     import importlib.machinery
 
     parent = copy_of_ops(tmp_path)
-    with open(os.path.join(parent, "ops", "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]), "wb") as library:
+    with open(os.path.join(parent, "deformable_detr_ops", "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]), "wb") as library:
         library.write(b"not a shared library")
     count, message, error = run_python(IMPORT_AND_RUN, parent).splitlines()
     assert count == "1"
-    assert "not loadable" in message and "scripts/build_ops.sh" in message
+    assert "not loadable" in message and "pip install" in message
     assert error.startswith("not loadable")
 
 

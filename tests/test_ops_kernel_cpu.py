@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import ops
-from ops import ms_deform_attn, ms_deform_attn_reference
-from ops.testing import make_inputs
+import deformable_detr_ops as ops
+from deformable_detr_ops import ms_deform_attn, ms_deform_attn_reference
+from deformable_detr_ops.testing import make_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILT = any(
@@ -67,7 +67,6 @@ def test_built_library_is_loaded():
 
 @requires_kernel
 def test_auto_dispatches_to_the_kernel(monkeypatch):
-    import ops.dispatch
 
     def refuse(*args):
         raise AssertionError("the reference ran instead of the compiled kernel")
@@ -173,9 +172,9 @@ def test_levels_outside_value_are_rejected():
 def test_baseline_instruction_set_matches_reference():
     # The loops are also compiled for AVX2 and picked at run time; this runs the baseline copy.
     script = (
-        "import torch, ops\n"
+        "import torch\nimport deformable_detr_ops as ops\n"
         "from tests.test_ops_kernel_cpu import case_inputs, kernel\n"
-        "from ops import ms_deform_attn_reference\n"
+        "from deformable_detr_ops import ms_deform_attn_reference\n"
         "for name in ('seventy-one-channels', 'thirty-two-channels'):\n"
         "    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):\n"
         "        value, shapes, starts, locations, weights = case_inputs(name, dtype=dtype, seed=7)\n"

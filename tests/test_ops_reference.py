@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ops import ms_deform_attn_reference
-from ops.testing import level_start_index, make_inputs
+from deformable_detr_ops import ms_deform_attn_reference
+from deformable_detr_ops.testing import level_start_index, make_inputs
 
 
 def naive_attention(value, spatial_shapes, sampling_locations, attention_weights):

@@ -1,9 +1,8 @@
 """The official implementation's detections on the public case are reproduced through tools/eval.py."""
 import json
 import os
-import sys
 
-from cli import ROOT, run_tool
+from cli import run_tool
 from official_files import PUBLIC_CASE, public_case_checkpoint
 
 

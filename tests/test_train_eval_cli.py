@@ -27,7 +27,8 @@ def assert_ok(result):
 def test_train_then_evaluate(tmp_path, data_root):
     run = tmp_path / "train"
     assert_ok(run_tool("train", *tiny(run, data_root, "trainer.keep_every=1")))
-    for name in ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_epoch0000.pth", "checkpoint_epoch0001.pth", "config.yaml", "train.log", "metrics.json", "predictions.json", "log.jsonl"):
+    for name in ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_epoch0000.pth", "checkpoint_epoch0001.pth",
+                 "config.yaml", "train.log", "metrics.json", "predictions.json", "log.jsonl"):
         assert (run / name).is_file(), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -94,7 +95,10 @@ def test_resume_refuses_another_model(tmp_path, data_root):
     assert "resume with the run's original config" in result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+TORCHRUN_MISSING = shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun"))
+
+
+@pytest.mark.skipif(TORCHRUN_MISSING, reason="torchrun not installed")
 def test_two_process_gloo_run(tmp_path, data_root):
     run = tmp_path / "ddp"
     torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2"]

@@ -26,8 +26,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 LEVELS = [(100, 134), (50, 67), (25, 34), (13, 17)]
 HEADS, CHANNELS, POINTS = 8, 32, 4
@@ -58,7 +56,7 @@ def _reset_peak_rss():
 def _make_workload(spec):
     import torch
 
-    from ops.testing import make_inputs, token_centres
+    from deformable_detr_ops.testing import make_inputs, token_centres
 
     shapes = torch.tensor(LEVELS)
     tokens = int(shapes.prod(1).sum())
@@ -79,7 +77,7 @@ def _worker(spec):
 
     import torch
 
-    import ops
+    import deformable_detr_ops as ops
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

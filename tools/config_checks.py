@@ -11,11 +11,9 @@ from typing import Any, List
 from hydra._internal.utils import _locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from deformable_detr.errors import ConfigError
+
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
-
-
-class ConfigError(ValueError):
-    """A config mistake; the message names the key and the fix."""
 
 
 def check_config(cfg: DictConfig, schema: type) -> None:

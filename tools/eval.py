@@ -12,29 +12,34 @@ This framework's checkpoints carry their config: without model or dataset overri
 ``metrics.json`` (the 12 COCO stats) to hydra.run.dir and prints AP per category.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import argparse
 
-import argparse  # noqa: E402
+import hydra
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-import hydra  # noqa: E402
-from hydra import compose  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from config_schema import EvalConfig  # importing registers the schemas
+import runtime
+from config_checks import ConfigError, check_config
 
-from config_schema import EvalConfig  # noqa: E402  (importing registers the schemas)
-import runtime  # noqa: E402
-from config_checks import ConfigError, check_config  # noqa: E402
-
-from deformable_detr.engine.distributed import init_distributed  # noqa: E402
-from deformable_detr.engine.evaluate_loop import evaluate  # noqa: E402
-from deformable_detr.engine.rng import seed_everything  # noqa: E402
-from deformable_detr.engine.train_loop import AMP_DTYPES  # noqa: E402
-from deformable_detr.evaluation.coco_evaluator import write_json_atomic  # noqa: E402
-from deformable_detr.models.weights import OFFICIAL_EXPERIMENTS, Recipe, is_official, read_checkpoint, recipe_of_state_dict, convert_official_state_dict, load_weights  # noqa: E402
-from deformable_detr.utils import distributed  # noqa: E402
+from deformable_detr.engine.distributed import init_distributed
+from deformable_detr.engine.evaluate_loop import evaluate
+from deformable_detr.engine.rng import seed_everything
+from deformable_detr.engine.train_loop import AMP_DTYPES
+from deformable_detr.evaluation.coco_evaluator import write_json_atomic
+from deformable_detr.models.weights import (
+    OFFICIAL_EXPERIMENTS,
+    Recipe,
+    convert_official_state_dict,
+    is_official,
+    load_weights,
+    read_checkpoint,
+    recipe_of_state_dict,
+)
+from deformable_detr.utils import distributed
 
 logger = runtime.logger
 

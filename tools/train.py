@@ -10,26 +10,23 @@ The run directory (hydra.run.dir) receives the composed config, logs, TensorBoar
 checkpoints (last, best, every N epochs), metrics.json and predictions.json.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from config_schema import TrainConfig  # importing registers the schemas
+import runtime
+from config_checks import ConfigError, check_config
 
-from config_schema import TrainConfig  # noqa: E402  (importing registers the schemas)
-import runtime  # noqa: E402
-from config_checks import ConfigError, check_config  # noqa: E402
-
-from deformable_detr.engine.checkpoint import find_resume, load_resumable  # noqa: E402
-from deformable_detr.engine.distributed import init_distributed  # noqa: E402
-from deformable_detr.engine.rng import seed_everything  # noqa: E402
-from deformable_detr.engine.trainer import Trainer  # noqa: E402
-from deformable_detr.engine.train_loop import AMP_DTYPES  # noqa: E402
-from deformable_detr.models.weights import load_weights  # noqa: E402
-from deformable_detr.utils import distributed  # noqa: E402
+from deformable_detr.engine.checkpoint import find_resume, load_resumable
+from deformable_detr.engine.distributed import init_distributed
+from deformable_detr.engine.rng import seed_everything
+from deformable_detr.engine.trainer import Trainer
+from deformable_detr.engine.train_loop import AMP_DTYPES
+from deformable_detr.models.weights import load_weights
+from deformable_detr.utils import distributed
 
 logger = runtime.logger
 

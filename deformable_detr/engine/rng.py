@@ -11,7 +11,10 @@ def rng_state() -> Dict[str, Any]:
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position), "has_gauss": int(has_gauss), "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }

@@ -108,7 +108,8 @@ class Trainer:
         extra_state: saved in every checkpoint as is (e.g. the composed ``config``).
     """
 
-    def __init__(self, model, criterion, postprocess, optimizer, scheduler, train_loader, val_loader, val_coco, device, run_dir, settings: TrainerSettings, *, train_model=None, scaler=None, writer=None, extra_state=None, seed: int = 0):
+    def __init__(self, model, criterion, postprocess, optimizer, scheduler, train_loader, val_loader, val_coco, device, run_dir,
+                 settings: TrainerSettings, *, train_model=None, scaler=None, writer=None, extra_state=None, seed: int = 0):
         self.model = model
         self.train_model = train_model or model
         self.criterion = criterion
@@ -190,7 +191,8 @@ class Trainer:
             set_rng_state(rng[distributed.get_rank()])
         elif rng:
             logger.warning("the checkpoint holds random states of %d processes, not %d: not restored", len(rng), world)
-        logger.info("resumed from %s at epoch %d, step %d of %d in the epoch (%d steps in total)", path, self.epoch, self.epoch_step, self.steps_per_epoch, self.step)
+        logger.info("resumed from %s at epoch %d, step %d of %d in the epoch (%d steps in total)",
+                    path, self.epoch, self.epoch_step, self.steps_per_epoch, self.step)
 
     def save(self, *, finished_epoch: bool, is_best: bool = False) -> None:
         state = self.state_dict()  # a collective: every rank builds it
@@ -320,7 +322,7 @@ class Trainer:
         orig_h, orig_w = target["orig_size"].tolist()
         boxes = result["boxes"][keep] * torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
         names = {c["id"]: c["name"] for c in self.val_coco.loadCats(self.val_coco.getCatIds())}
-        labels = [f"{names.get(int(l), int(l))} {s:.2f}" for l, s in zip(result["labels"][keep], result["scores"][keep])]
+        labels = [f"{names.get(int(c), int(c))} {s:.2f}" for c, s in zip(result["labels"][keep], result["scores"][keep])]
         self.writer.add_image_with_boxes(f"val/predictions_{index}", picture, boxes, self.step, labels=labels)
 
     def _describe_images(self, image_ids: List[int]) -> str:

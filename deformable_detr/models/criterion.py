@@ -2,7 +2,7 @@
 
 Legend: B batch, Q queries, K classes, T targets.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,9 @@ class SetCriterion(nn.Module):
         return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
 
 
-def loss_weights(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, num_decoder_layers: int = 6, aux_loss: bool = True, two_stage: bool = False) -> Dict[str, float]:
+def loss_weights(
+    cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, num_decoder_layers: int = 6, aux_loss: bool = True, two_stage: bool = False
+) -> Dict[str, float]:
     """The weight of every loss term: the last layer's, each auxiliary layer's and the proposals'."""
     base = {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou}
     weights = dict(base)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops import ms_deform_attn
+from deformable_detr_ops import ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):

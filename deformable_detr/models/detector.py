@@ -4,7 +4,7 @@ Legend: B batch, Q queries, K classes (class index = dataset category id), S enc
 """
 import copy
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F

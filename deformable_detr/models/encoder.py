@@ -3,7 +3,6 @@
 Legend: N batch, S = sum_l H_l * W_l tokens, C channels, L levels.
 """
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -40,4 +40,4 @@ class PostProcess(nn.Module):
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
         boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": x} for s, l, x in zip(scores, labels, boxes)]
+        return [{"scores": s, "labels": lab, "boxes": x} for s, lab, x in zip(scores, labels, boxes)]

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 import pickle
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 

@@ -1,10 +1,9 @@
-"""Builds the multi-scale deformable attention kernels in place, as ``ops/_C``.
+"""How the multi-scale deformable attention kernels are built: the extension ``deformable_detr_ops._C``
+that the project's ``setup.py`` compiles on ``pip install`` (its sources are ``ops/csrc``).
 
-    python ops/setup.py build_ext --inplace      (from any directory)
-
-Builds against the torch already installed (no build isolation). The CPU kernel
-is always built; the CUDA kernel too whenever torch has CUDA and nvcc is found,
-with or without a visible GPU.
+The CPU kernel is always built; the CUDA kernel too whenever torch has CUDA and nvcc is
+found, with or without a visible GPU. This module imports torch only inside ``extension()``,
+after CUDA_HOME is settled, because torch.utils.cpp_extension reads it once at import.
 
 Environment:
     MS_DEFORM_ATTN_CUDA     "0": CPU only; "1": CUDA required (fail without nvcc);
@@ -21,15 +20,10 @@ import shutil
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-# Running "python ops/setup.py" puts ops/ first on sys.path, where its modules
-# could shadow others; the build needs nothing from there.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-
 DEFAULT_ARCHES = ["7.0", "7.5", "8.0", "8.6", "8.9", "9.0"]
 SOURCES = ["ops/csrc/library.cpp", "ops/csrc/ms_deform_attn_cpu.cpp"]
 CUDA_SOURCES = ["ops/csrc/ms_deform_attn_cuda.cu"]
+EXTENSION_NAME = "deformable_detr_ops._C"
 
 
 def nvcc_path(home):
@@ -121,7 +115,10 @@ def cuda_unavailable(mode, cuda_home, torch_cuda):
     return None
 
 
-def main():
+def extension():
+    """The extension to build and the ``build_ext`` command class, as ``(extension, cmdclass)``.
+
+    Source paths are relative to the repository root, where setuptools runs."""
     mode = cuda_mode()
     cuda_home = find_cuda_home() if mode != "0" else None
     if cuda_home:
@@ -129,7 +126,6 @@ def main():
         os.environ["CUDA_HOME"] = cuda_home
 
     import torch
-    from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     reason = cuda_unavailable(mode, cuda_home, torch.version.cuda)
@@ -154,8 +150,8 @@ def main():
             os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc)
         # Compile the architectures of the one .cu file in parallel.
         threads = max(1, min(len(os.environ["TORCH_CUDA_ARCH_LIST"].split(";")), os.cpu_count() or 1))
-        extension = CUDAExtension(
-            "ops._C",
+        ext = CUDAExtension(
+            EXTENSION_NAME,
             SOURCES + CUDA_SOURCES,
             define_macros=[("MS_DEFORM_ATTN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", f"--threads={threads}"]},
@@ -164,20 +160,6 @@ def main():
         print(f"ms_deform_attn: building CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
-        extension = CppExtension("ops._C", SOURCES, extra_compile_args={"cxx": cxx_flags},
-                                 extra_link_args=link_flags)
+        ext = CppExtension(EXTENSION_NAME, SOURCES, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
         print(f"ms_deform_attn: building the CPU kernel only ({reason})")
-
-    # In-place builds put ops/_C next to the sources, relative to the working directory.
-    os.chdir(ROOT)
-    setup(
-        name="ms-deform-attn-kernels",
-        description="Multi-scale deformable attention kernels (CPU and CUDA)",
-        ext_modules=[extension],
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        options={"build": {"build_base": os.path.join("ops", "build")}},
-    )
-
-
-if __name__ == "__main__":
-    main()
+    return ext, {"build_ext": BuildExtension.with_options(use_ninja=True)}
