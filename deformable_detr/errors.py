@@ -29,3 +29,7 @@ class CheckpointError(UserError, ValueError):
 
 class DeviceError(UserError, RuntimeError):
     """A device that was asked for but is not available (e.g. device=cuda without a GPU)."""
+
+
+class ExistingPathError(UserError, FileExistsError):
+    """A path that exists but is not what it should be, and is not ours to overwrite."""

@@ -5,7 +5,9 @@ from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError
 
 from cli import compose_config, run_tool
-from config_checks import ConfigError, check_config
+from config_checks import check_config
+
+from deformable_detr.errors import ConfigError
 from config_schema import EvalConfig, TrainConfig
 from deformable_detr.engine.trainer import TrainerSettings
 from deformable_detr.models import DeformableDETR, SetCriterion

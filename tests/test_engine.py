@@ -6,7 +6,7 @@ import torch
 
 from deformable_detr.engine.checkpoint import CheckpointKeeper, find_resume, save_atomic
 from deformable_detr.engine.optim import build_optimizer, build_scheduler, param_groups
-from deformable_detr.engine.train_loop import NonFiniteLossError, train_one_epoch
+from deformable_detr.engine.train_step import NonFiniteLossError, TrainStep
 from deformable_detr.models import HungarianMatcher, SetCriterion, loss_weights
 from model_builders import tiny_model
 
@@ -46,6 +46,18 @@ class Loader:
             yield images, masks, targets
 
 
+def run_steps(model, criterion, loader, optimizer, scheduler, after_step=None, **options):
+    """What the trainer does with a loader: one TrainStep call per batch, counting the steps."""
+    train_step = TrainStep(model, criterion, optimizer, scheduler, torch.device("cpu"), **options)
+    steps = 0
+    for images, masks, targets in loader:
+        train_step(images, masks, targets)
+        steps += 1
+        if after_step is not None:
+            after_step(steps)
+    return steps
+
+
 def setup(poisoned_ids):
     torch.manual_seed(0)
     model = Poisoned(tiny_model(), poisoned_ids)
@@ -59,16 +71,15 @@ def test_a_non_finite_loss_skips_the_step_and_counts_it():
     model, criterion, optimizer, scheduler = setup(poisoned_ids=[2])
     seen = []
 
-    def on_step(step):
+    def after_step(step):
         seen.append(step)
         # parameters only: BatchNorm statistics are updated by every forward pass
         if step == 1:
-            on_step.after_first = {k: v.detach().clone() for k, v in model.named_parameters()}
+            after_step.after_first = {k: v.detach().clone() for k, v in model.named_parameters()}
         if step == 2:
-            assert all(torch.equal(v, on_step.after_first[k]) for k, v in model.named_parameters())
-        return False
+            assert all(torch.equal(v, after_step.after_first[k]) for k, v in model.named_parameters())
 
-    train_one_epoch(model, criterion, Loader(model, [1, 2, 3]), optimizer, scheduler, torch.device("cpu"), 0, total_steps=3, on_step=on_step)
+    run_steps(model, criterion, Loader(model, [1, 2, 3]), optimizer, scheduler, after_step)
     assert seen == [1, 2, 3] and scheduler.last_epoch == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -76,8 +87,8 @@ def test_a_non_finite_loss_skips_the_step_and_counts_it():
 def test_too_many_non_finite_steps_in_a_row_abort_naming_the_images():
     model, criterion, optimizer, scheduler = setup(poisoned_ids=[5, 6, 7])
     with pytest.raises(NonFiniteLossError, match=r"3 steps in a row .*images 7 \(seven.png\)"):
-        train_one_epoch(
-            model, criterion, Loader(model, [4, 5, 6, 7, 8]), optimizer, scheduler, torch.device("cpu"), 0, total_steps=5,
+        run_steps(
+            model, criterion, Loader(model, [4, 5, 6, 7, 8]), optimizer, scheduler,
             max_nonfinite_steps=3, describe_images=lambda ids: ", ".join(f"{i} (seven.png)" for i in ids),
         )
 
@@ -87,7 +98,7 @@ def test_an_empty_batch_is_skipped_in_a_single_process():
     empty = (torch.zeros(0, 3, 64, 64), torch.zeros(0, 64, 64, dtype=torch.bool), [])
     loader = [empty] + list(batches([1]))
     steps = []
-    train_one_epoch(model, criterion, loader, optimizer, scheduler, torch.device("cpu"), 0, total_steps=2, on_step=lambda s: steps.append(s) or False)
+    run_steps(model, criterion, loader, optimizer, scheduler, steps.append)
     assert steps == [1, 2] and scheduler.last_epoch == 2
 
 
@@ -148,7 +159,7 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path):
 def test_bf16_autocast_trains_in_float32_weights():
     model, criterion, optimizer, scheduler = setup(poisoned_ids=[])
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    train_one_epoch(model, criterion, Loader(model, [1, 2]), optimizer, scheduler, torch.device("cpu"), 0, total_steps=2, amp="bf16")
+    run_steps(model, criterion, Loader(model, [1, 2]), optimizer, scheduler, amp="bf16")
     after = dict(model.named_parameters())
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after.values())
     assert not torch.equal(after["model.class_embed.0.weight"], before["model.class_embed.0.weight"])

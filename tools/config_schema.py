@@ -1,66 +1,48 @@
-"""Typed schemas of the config nodes that are not built by ``instantiate`` (those are checked
-against their callable's signature instead, see ``config_checks``). Registering them makes
-Hydra reject unknown keys, including ``+key=value`` additions, with the key's name."""
+"""Typed schemas of the root configs, their ``dataset`` node generated from the library's
+``DatasetSettings`` (which holds the defaults). Registering them makes Hydra reject unknown keys,
+including ``+key=value`` additions, with the key's name; the other groups are ``_target_`` nodes
+checked against their callable's signature (see ``config_checks``)."""
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from deformable_detr.data.synthetic import SyntheticConfig
+from deformable_detr.data.settings import DatasetSettings
 
 
-@dataclass
-class TrainTransforms:
-    scales: List[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
-    max_size: int = 1333
-    crop_resize_sizes: List[int] = field(default_factory=lambda: [400, 500, 600])
-    crop_min_size: int = 384
-    crop_max_size: int = 600
+def schema_of(cls: type, target: bool = False) -> type:
+    """The Hydra schema of a plain dataclass of the library: its fields with their defaults (kept
+    there, in one place), nested dataclasses likewise (as mutable copies, so overrides apply),
+    and with ``target`` a ``_target_`` naming the class, so ``instantiate`` builds it."""
+    fields = [("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))] if target else []
+    hints = typing.get_type_hints(cls)  # resolves annotations written as strings
+    for f in dataclasses.fields(cls):
+        default = {"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING else {"default": f.default}
+        if isinstance(default.get("default"), tuple):  # OmegaConf keeps lists
+            default = {"default_factory": lambda value=default["default"]: list(value)}
+        kind = _schema_type(hints[f.name])
+        if dataclasses.is_dataclass(kind) and "default_factory" in default:
+            default = {"default_factory": kind}  # the nested defaults, from the nested class
+        fields.append((f.name, kind, field(**default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
 
 
-@dataclass
-class EvalTransforms:
-    size: int = 800
-    max_size: int = 1333
+def _schema_type(annotation):
+    """Dataclass types (also inside Optional) -> their schema; tuples -> lists; others unchanged."""
+    if dataclasses.is_dataclass(annotation):
+        return schema_of(annotation)
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return typing.Optional[_schema_type(next(a for a in arguments if a is not type(None)))]
+    if origin is tuple:
+        return List[arguments[0]] if arguments else List[Any]
+    return annotation
 
 
-# The synthetic dataset's defaults live in ``SyntheticConfig``; this schema only types them for Hydra.
-_SYNTHETIC = SyntheticConfig()
-
-
-@dataclass
-class SyntheticParams:
-    seed: int = _SYNTHETIC.seed
-    num_train_images: int = _SYNTHETIC.num_train_images
-    num_val_images: int = _SYNTHETIC.num_val_images
-    min_image_size: int = _SYNTHETIC.min_image_size
-    max_image_size: int = _SYNTHETIC.max_image_size
-    min_objects: int = _SYNTHETIC.min_objects
-    max_objects: int = _SYNTHETIC.max_objects
-    empty_image_fraction: float = _SYNTHETIC.empty_image_fraction
-    min_visible_fraction: float = _SYNTHETIC.min_visible_fraction
-    size_probabilities: List[float] = field(default_factory=lambda: list(_SYNTHETIC.size_probabilities))
-    colour_by_category: bool = _SYNTHETIC.colour_by_category
-    min_small_area: float = _SYNTHETIC.min_small_area
-
-
-@dataclass
-class DatasetConfig:
-    kind: str = "coco"
-    root: Optional[str] = MISSING
-    train_images: Optional[str] = None
-    train_annotations: Optional[str] = None
-    val_images: Optional[str] = None
-    val_annotations: Optional[str] = None
-    num_classes: Optional[int] = None
-    batch_size: int = 2
-    eval_batch_size: int = 2
-    num_workers: int = 2
-    skip_unreadable: bool = False
-    train_transforms: TrainTransforms = field(default_factory=TrainTransforms)
-    eval_transforms: EvalTransforms = field(default_factory=EvalTransforms)
-    synthetic: Optional[SyntheticParams] = None
+DatasetNode = schema_of(DatasetSettings, target=True)
 
 
 @dataclass
@@ -74,7 +56,7 @@ class TrainConfig:
     model: Any = MISSING
     criterion: Any = MISSING
     postprocess: Any = MISSING
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: DatasetNode = field(default_factory=DatasetNode)
     optimizer: Any = MISSING
     schedule: Any = MISSING
     trainer: Any = MISSING
@@ -90,7 +72,7 @@ class EvalConfig:
     model: Any = MISSING
     criterion: Any = MISSING
     postprocess: Any = MISSING
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: DatasetNode = field(default_factory=DatasetNode)
     optimizer: Any = MISSING
     schedule: Any = MISSING
     trainer: Any = MISSING

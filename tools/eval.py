@@ -11,9 +11,9 @@ This framework's checkpoints carry their config: without model or dataset overri
 ``experiment=``, the experiment is read from them. Writes ``predictions.json`` (COCO results) and
 ``metrics.json`` (the 12 COCO stats) to hydra.run.dir and prints AP per category.
 """
-import os
-
 import argparse
+import os
+import sys
 
 import hydra
 from hydra import compose
@@ -23,12 +23,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from config_schema import EvalConfig  # importing registers the schemas
 import runtime
-from config_checks import ConfigError, check_config
+from config_checks import check_config
+
+from deformable_detr.errors import ConfigError
 
 from deformable_detr.engine.distributed import init_distributed
 from deformable_detr.engine.evaluate_loop import evaluate
 from deformable_detr.engine.rng import seed_everything
-from deformable_detr.engine.train_loop import AMP_DTYPES
+from deformable_detr.engine.precision import AMP_DTYPES
 from deformable_detr.evaluation.coco_evaluator import write_json_atomic
 from deformable_detr.models.weights import (
     OFFICIAL_EXPERIMENTS,
@@ -85,6 +87,7 @@ def config_for_checkpoint(cfg: DictConfig, checkpoint) -> DictConfig:
 def run(cfg: DictConfig):
     if cfg.amp not in AMP_DTYPES:
         raise ConfigError(f"amp={cfg.amp} is not one of null, bf16, fp16")
+    runtime.check_files_exist(cfg, ["checkpoint"])
     device = init_distributed(runtime.resolve_device(cfg.device))
     run_dir = runtime.run_directory()
     runtime.setup_logging(run_dir, "eval.log")
@@ -95,11 +98,12 @@ def run(cfg: DictConfig):
     if distributed.is_main_process():
         OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
 
-    root = runtime.dataset_root(cfg.dataset)
-    val_set = runtime.build_dataset(cfg.dataset, "val", root, cfg.seed)
-    loader = runtime.make_loader(val_set, cfg.dataset.eval_batch_size, cfg.dataset.num_workers, False, cfg.seed, device)
+    data = runtime.dataset_settings(cfg.dataset)
+    root = runtime.dataset_root(data)
+    val_set = runtime.build_dataset(data, "val", root, cfg.seed)
+    loader = runtime.make_loader(val_set, data.eval_batch_size, data.num_workers, False, cfg.seed, device)
     weights_recipe = Recipe(**checkpoint["recipe"]) if "recipe" in checkpoint else None
-    num_classes = cfg.dataset.num_classes or checkpoint.get("num_classes") or (weights_recipe and weights_recipe.num_classes)
+    num_classes = data.num_classes or checkpoint.get("num_classes") or (weights_recipe and weights_recipe.num_classes)
     if not num_classes:
         state = convert_official_state_dict(checkpoint["model"]) if is_official(checkpoint) else checkpoint["model"]
         num_classes = recipe_of_state_dict(state).num_classes or val_set.num_classes
@@ -125,8 +129,9 @@ def run(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig):
-    return runtime.run_reporting_errors(run, cfg, (ConfigError, FileNotFoundError, ValueError))
+    return runtime.run_reporting_errors(run, cfg)
 
 
 if __name__ == "__main__":
+    runtime.check_command_line("eval", sys.argv[1:])
     main()

@@ -1,15 +1,18 @@
-"""What tools/train.py and tools/eval.py share: device, run directory, logging, data from config."""
+"""What the tools share: the command-line check, device, run directory, logging, data from config,
+and the one error path (a ``UserError`` is one line and exit status 2; anything else a traceback)."""
+import difflib
 import logging
 import os
 import shutil
 import sys
-from typing import Callable, Optional, Tuple, Type
+from typing import Callable, Iterable, Optional, Tuple, Type
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from config_checks import ConfigError
+from deformable_detr.errors import ConfigError, DeviceError, MissingFileError, UserError
 
 from deformable_detr.data import (
     CocoDetection,
@@ -18,21 +21,71 @@ from deformable_detr.data import (
     build_coco_dataset,
     collate,
     ensure_synthetic_dataset,
-    make_eval_transforms,
-    make_train_transforms,
 )
+from deformable_detr.data.settings import DatasetSettings
 from deformable_detr.engine.distributed import shutdown_distributed
 from deformable_detr.utils import distributed
 
 logger = logging.getLogger("deformable_detr")
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
 def resolve_device(name: str) -> str:
+    """``device=`` as a torch device string; fails at once when the device is not there."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ConfigError(f"device={name} is not one of auto, cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device={name} but no CUDA GPU is visible (torch {torch.__version__}); use device=cpu")
     return name
+
+
+def check_files_exist(cfg: DictConfig, keys: Iterable[str]) -> None:
+    """Each of ``keys`` (e.g. ``resume``, ``init_weights``) that names a path must name an existing
+    file; checked before any data or model is built."""
+    for key in keys:
+        path = OmegaConf.select(cfg, key)
+        if path in (None, "auto", ""):
+            continue
+        if not os.path.isfile(os.path.expanduser(str(path))):
+            fix = {"resume": "; resume=null starts over, resume=auto continues the run directory's last checkpoint"}.get(key, "")
+            raise MissingFileError(f"{key}={path} does not exist (or is not a file){fix}")
+
+
+def check_command_line(config_name: str, arguments: Iterable[str]) -> None:
+    """Report a misspelled key override (``trainer.epoch=1``) as one line with a suggestion, as
+    the checks do for ``+key=`` additions; Hydra itself only says the key is not in the struct."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in arguments if "=" in a and not a.startswith("-")]
+    groups = {name for name in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, name))}
+
+    def is_group(override: str) -> bool:
+        key = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+        return key in groups or key.startswith("hydra") or "/" in key
+
+    plain = [o for o in overrides if not o.startswith(("+", "~")) and not is_group(o)]
+    if not plain:
+        return
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=[o for o in overrides if is_group(o)])
+    except Exception:
+        return  # Hydra reports problems of the group overrides itself
+    for override in plain:
+        key = override.split("=", 1)[0]
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or leaf in parent.keys():
+            continue
+        close = difflib.get_close_matches(leaf, [str(k) for k in parent.keys()], n=1)
+        prefix = f"{parent_key}." if parent_key else ""
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(map(str, parent.keys()))}"
+        print(f"error: {key} is not a known key ({hint})", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_directory() -> str:
@@ -64,42 +117,45 @@ def setup_logging(run_dir: str, filename: str) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def dataset_root(cfg: DictConfig) -> Optional[str]:
+def dataset_settings(node) -> DatasetSettings:
+    """The ``dataset`` config node, built (a ``DatasetSettings``; passed through if it is one)."""
+    if isinstance(node, DatasetSettings):
+        return node
+    settings = instantiate(node, _convert_="all")
+    if settings.kind not in ("coco", "synthetic"):
+        raise ConfigError(f"dataset.kind={settings.kind} is not one of coco, synthetic")
+    return settings
+
+
+def dataset_root(node) -> Optional[str]:
     """``dataset.root`` with ``~`` expanded; for the synthetic set, generated first if needed."""
-    explicit = all(cfg.get(k) for k in ("train_images", "train_annotations", "val_images", "val_annotations"))
-    if OmegaConf.is_missing(cfg, "root") or cfg.root is None:
-        if explicit or (cfg.get("val_images") and cfg.get("val_annotations")):
+    data = dataset_settings(node)
+    if not data.root:
+        if data.val_images and data.val_annotations:
             return None
         raise ConfigError(
             "dataset.root is required: dataset.root=DIR with DIR/{train2017,val2017}/ and "
             "DIR/annotations/instances_{train,val}2017.json (or set dataset.val_images and dataset.val_annotations)"
         )
-    root = os.path.abspath(os.path.expanduser(str(cfg.root)))
-    if cfg.kind == "synthetic":
-        params = OmegaConf.to_container(cfg.synthetic, resolve=True) if cfg.synthetic is not None else {}
-        params["size_probabilities"] = tuple(params.get("size_probabilities", SyntheticConfig.size_probabilities))
-        ensure_synthetic_dataset(root, SyntheticConfig(**params))
-    elif cfg.kind != "coco":
-        raise ConfigError(f"dataset.kind={cfg.kind} is not one of coco, synthetic")
+    root = os.path.abspath(os.path.expanduser(str(data.root)))
+    if data.kind == "synthetic":
+        ensure_synthetic_dataset(root, data.synthetic or SyntheticConfig())
     return root
 
 
-def build_dataset(cfg: DictConfig, split: str, root: Optional[str], seed: int) -> CocoDetection:
+def build_dataset(node, split: str, root: Optional[str], seed: int) -> CocoDetection:
     """The ``split`` ("train"/"val") dataset of the ``dataset`` config node."""
-    if split == "train":
-        t = cfg.train_transforms
-        transforms = make_train_transforms(list(t.scales), t.max_size, list(t.crop_resize_sizes), t.crop_min_size, t.crop_max_size)
-    else:
-        transforms = make_eval_transforms(cfg.eval_transforms.size, cfg.eval_transforms.max_size)
-    images, annotations = cfg.get(f"{split}_images"), cfg.get(f"{split}_annotations")
+    data = dataset_settings(node)
+    transforms = data.train_transforms.build() if split == "train" else data.eval_transforms.build()
+    images, annotations = getattr(data, f"{split}_images"), getattr(data, f"{split}_annotations")
     if images or annotations:
         default_images = os.path.join(root, f"{split}2017") if root else None
         default_annotations = os.path.join(root, "annotations", f"instances_{split}2017.json") if root else None
         images, annotations = images or default_images, annotations or default_annotations
         if not images or not annotations:
             raise ConfigError(f"set both dataset.{split}_images and dataset.{split}_annotations (or dataset.root)")
-        return CocoDetection(images, annotations, transforms, seed=seed, skip_unreadable=cfg.skip_unreadable, context=f"dataset.{split}_images")
-    return build_coco_dataset(root, split, transforms, seed=seed, skip_unreadable=cfg.skip_unreadable, context="dataset.root")
+        return CocoDetection(images, annotations, transforms, seed=seed, skip_unreadable=data.skip_unreadable, context=f"dataset.{split}_images")
+    return build_coco_dataset(root, split, transforms, seed=seed, skip_unreadable=data.skip_unreadable, context="dataset.root")
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: int, device: torch.device):
@@ -124,16 +180,27 @@ def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: i
     return loader
 
 
-def num_classes_of(cfg: DictConfig, *datasets) -> int:
-    if cfg.num_classes is not None:
-        return int(cfg.num_classes)
+def describe_categories(coco, num_classes: int) -> str:
+    """E.g. ``6 categories (ids up to 21; 22 logits)``: class indices are category ids."""
+    ids = sorted(coco.getCatIds())
+    if not ids:
+        return f"no categories ({num_classes} logits)"
+    return f"{len(ids)} categories (ids up to {ids[-1]}; {num_classes} logits)"
+
+
+def num_classes_of(node, *datasets) -> int:
+    data = dataset_settings(node)
+    if data.num_classes is not None:
+        return int(data.num_classes)
     return max(d.num_classes for d in datasets)
 
 
-def run_reporting_errors(function: Callable[[DictConfig], object], cfg: DictConfig, expected: Tuple[Type[BaseException], ...]):
-    """Run ``function(cfg)``. An ``expected`` error (a bad config key, a missing file) is a user's
-    mistake, not a bug: it is logged and printed as one ``error:`` line and the process exits
-    with status 2, without a traceback. The process group is shut down in every case."""
+def run_reporting_errors(function: Callable[[DictConfig], object], cfg: DictConfig,
+                         expected: Tuple[Type[BaseException], ...] = (UserError,)):
+    """Run ``function(cfg)``. A ``UserError`` (a bad key or value, a missing or unreadable file, an
+    absent device, a checkpoint of another recipe) is the user's mistake, not a bug: it is logged
+    and printed as one ``error:`` line and the process exits with status 2, without a traceback.
+    Anything else keeps its traceback. The process group is shut down in every case."""
     try:
         return function(cfg)
     except expected as error:

@@ -10,21 +10,22 @@ The run directory (hydra.run.dir) receives the composed config, logs, TensorBoar
 checkpoints (last, best, every N epochs), metrics.json and predictions.json.
 """
 import os
+import sys
 
 import hydra
+import runtime
 import torch
+from config_checks import check_config
+from config_schema import TrainConfig  # importing registers the schemas
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from config_schema import TrainConfig  # importing registers the schemas
-import runtime
-from config_checks import ConfigError, check_config
-
 from deformable_detr.engine.checkpoint import find_resume, load_resumable
 from deformable_detr.engine.distributed import init_distributed
+from deformable_detr.engine.precision import AMP_DTYPES
 from deformable_detr.engine.rng import seed_everything
-from deformable_detr.engine.trainer import Trainer
-from deformable_detr.engine.train_loop import AMP_DTYPES
+from deformable_detr.engine.trainer import Trainer, TrainingData, TrainingParts
+from deformable_detr.errors import ConfigError
 from deformable_detr.models.weights import load_weights
 from deformable_detr.utils import distributed
 
@@ -32,10 +33,13 @@ logger = runtime.logger
 
 
 def train(cfg: DictConfig):
+    # every check that needs no data or model comes first
     check_config(cfg, TrainConfig)
     settings = instantiate(cfg.trainer)
     if settings.amp not in AMP_DTYPES:
         raise ConfigError(f"trainer.amp={settings.amp} is not one of null, bf16, fp16")
+    runtime.check_files_exist(cfg, ["resume", "init_weights"])
+    data = runtime.dataset_settings(cfg.dataset)
     device = init_distributed(runtime.resolve_device(cfg.device))
     run_dir = runtime.run_directory()
     runtime.setup_logging(run_dir, "train.log")
@@ -45,28 +49,33 @@ def train(cfg: DictConfig):
     logger.info("run directory %s; %s on %d process(es), device %s", run_dir, cfg.name, world, device)
     seed_everything(cfg.seed + rank)
 
-    root = runtime.dataset_root(cfg.dataset)
-    train_set = runtime.build_dataset(cfg.dataset, "train", root, cfg.seed)
-    val_set = runtime.build_dataset(cfg.dataset, "val", root, cfg.seed)
-    num_classes = runtime.num_classes_of(cfg.dataset, train_set, val_set)
-    train_loader = runtime.make_loader(train_set, cfg.dataset.batch_size, cfg.dataset.num_workers, True, cfg.seed, device)
-    val_loader = runtime.make_loader(val_set, cfg.dataset.eval_batch_size, cfg.dataset.num_workers, False, cfg.seed, device)
-    logger.info("data: %d train / %d val images, %d classes, %d steps per epoch", len(train_set), len(val_set), num_classes, len(train_loader))
+    root = runtime.dataset_root(data)
+    train_set = runtime.build_dataset(data, "train", root, cfg.seed)
+    val_set = runtime.build_dataset(data, "val", root, cfg.seed)
+    num_classes = runtime.num_classes_of(data, train_set, val_set)
+    train_loader = runtime.make_loader(train_set, data.batch_size, data.num_workers, True, cfg.seed, device)
+    val_loader = runtime.make_loader(val_set, data.eval_batch_size, data.num_workers, False, cfg.seed, device)
+    logger.info("data: %d train / %d val images, %s, %d steps per epoch",
+                len(train_set), len(val_set), runtime.describe_categories(train_set.coco, num_classes), len(train_loader))
 
     model = instantiate(cfg.model, num_classes=num_classes).to(device)
     if cfg.init_weights:
-        report = load_weights(model, cfg.init_weights, allow_new_classes=True)
+        report = load_weights(model, cfg.init_weights, allow_new_classes=True, key="init_weights")
         logger.info("initialized from %s (%s)%s", cfg.init_weights, report.recipe.name(), "".join(f"; {m}" for m in report.messages))
     parameters = sum(p.numel() for p in model.parameters())
-    logger.info("model %s: %.1fM parameters (%.1fM trainable)", cfg.name, parameters / 1e6, sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    criterion = instantiate(cfg.criterion, num_classes=num_classes)
-    postprocess = instantiate(cfg.postprocess)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("model %s: %.1fM parameters (%.1fM trainable)", cfg.name, parameters / 1e6, trainable / 1e6)
     optimizer = instantiate(cfg.optimizer)(model)
-    scheduler = instantiate(cfg.schedule)(optimizer, iters_per_epoch=len(train_loader))
-    scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None
-    train_model = model
+    parts = TrainingParts(
+        model=model,
+        criterion=instantiate(cfg.criterion, num_classes=num_classes),
+        postprocess=instantiate(cfg.postprocess),
+        optimizer=optimizer,
+        scheduler=instantiate(cfg.schedule)(optimizer, iters_per_epoch=len(train_loader)),
+        scaler=torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None,
+    )
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
+        parts.train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=cfg.find_unused_parameters
         )
     writer = None
@@ -76,8 +85,7 @@ def train(cfg: DictConfig):
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     trainer = Trainer(
-        model, criterion, postprocess, optimizer, scheduler, train_loader, val_loader, val_set.coco, device, run_dir, settings,
-        train_model=train_model, scaler=scaler, writer=writer, seed=cfg.seed,
+        parts, TrainingData(train_loader, val_loader, val_set.coco), settings, run_dir, device, writer=writer, seed=cfg.seed,
         extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes},
     )
     resume = None
@@ -98,8 +106,9 @@ def train(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig):
-    return runtime.run_reporting_errors(train, cfg, (ConfigError, FileNotFoundError))
+    return runtime.run_reporting_errors(train, cfg)
 
 
 if __name__ == "__main__":
+    runtime.check_command_line("train", sys.argv[1:])
     main()

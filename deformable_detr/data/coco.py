@@ -10,6 +10,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError, MissingFileError
 from .coco_annotations import coco_target, load_coco_annotations, num_classes_of
 from .skip_counter import SkipCounter
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 Item = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(DataError, OSError):
     """An image file that exists but cannot be decoded; the message names the file."""
 
 
@@ -59,7 +60,7 @@ class CocoDetection(Dataset):
         self.image_dir = os.path.expanduser(os.fspath(image_dir))
         self.annotation_file = os.path.expanduser(os.fspath(annotation_file))
         if not os.path.isdir(self.image_dir):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{prefix}image directory {self.image_dir} does not exist; "
                 f"point the dataset at the folder holding the images of {self.annotation_file}"
             )
@@ -109,7 +110,7 @@ class CocoDetection(Dataset):
         prefix = _prefix(self.context)
         path = os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{prefix}image {path} (id {image_id} in {self.annotation_file}) does not exist; "
                 "restore the file, or enable skipping of unreadable images"
             )
@@ -155,12 +156,12 @@ def build_coco_dataset(
         f"ROOT/annotations/instances_{split}{year}.json"
     )
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{name}={root} does not exist; {layout}")
+        raise MissingFileError(f"{name}={root} does not exist; {layout}")
     relative_annotation = os.path.relpath(annotation_file, root)
     if not os.path.isfile(annotation_file):
-        raise FileNotFoundError(f"{name}={root} has no {relative_annotation}; {layout}")
+        raise MissingFileError(f"{name}={root} has no {relative_annotation}; {layout}")
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"{name}={root} has no {split}{year}/ image directory; {layout}")
+        raise MissingFileError(f"{name}={root} has no {split}{year}/ image directory; {layout}")
     return CocoDetection(
         image_dir,
         annotation_file,

@@ -10,10 +10,12 @@ from typing import Dict, List, Optional
 import torch
 from pycocotools.coco import COCO
 
+from ..errors import DataError, MissingFileError
+
 __all__ = ["AnnotationFormatError", "load_coco_annotations", "coco_target", "num_classes_of"]
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(DataError):
     """An annotation file that is not valid COCO-format JSON; the message names the file."""
 
 
@@ -31,7 +33,7 @@ def load_coco_annotations(annotation_file: str, context: Optional[str] = None) -
     """
     prefix = _prefix(context)
     if not os.path.isfile(annotation_file):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{prefix}annotation file {annotation_file} does not exist; "
             "point the dataset at an existing COCO-format JSON file"
         )

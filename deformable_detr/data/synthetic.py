@@ -31,12 +31,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import PIL.Image
 
+from ..errors import ConfigError, ExistingPathError
 from .file_lock import file_lock
 from .synthetic_scene import render_scene
 from .synthetic_shapes import SHAPE_CATEGORIES
@@ -88,7 +90,7 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         def check(condition: bool, problem: str) -> None:
             if not condition:
-                raise ValueError(f"synthetic dataset parameter {problem}")
+                raise ConfigError(f"dataset.synthetic.{problem}")
 
         check(self.num_train_images >= 0, f"num_train_images={self.num_train_images} must be >= 0")
         check(self.num_val_images >= 0, f"num_val_images={self.num_val_images} must be >= 0")
@@ -206,7 +208,7 @@ def ensure_synthetic_dataset(
 
     - ``root`` with a manifest of the same parameters: reused as it is.
     - ``root`` with a manifest of other parameters: replaced by a fresh generation (logged).
-    - ``root`` that exists without a manifest (and is not empty): ``FileExistsError``, since
+    - ``root`` that exists without a manifest (and is not empty): ``ExistingPathError``, since
       it is not ours to overwrite.
 
     Generation happens in a temporary directory beside ``root`` that is renamed into place,
@@ -226,16 +228,20 @@ def ensure_synthetic_dataset(
             return root
         if os.path.exists(root):
             if found is None and not (os.path.isdir(root) and not os.listdir(root)):
-                raise FileExistsError(
-                    f"{root} exists but is not a synthetic dataset (no {MANIFEST_NAME}); "
+                raise ExistingPathError(
+                    f"dataset.root={root} exists but is not a synthetic dataset (no {MANIFEST_NAME}); "
                     "choose another directory for the synthetic data or remove this one"
                 )
             if found is not None:
                 logger.warning("%s holds a synthetic dataset with other parameters; regenerating it", root)
         staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        logger.info("generating the synthetic dataset (%d train / %d val images) into %s",
+                    config.num_train_images, config.num_val_images, root)
+        started = time.perf_counter()
         try:
             write_synthetic_dataset(staging, config)
             _replace_directory(staging, root)
+            logger.info("generated the synthetic dataset in %.1f s", time.perf_counter() - started)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..errors import CheckpointError
 from ..models.weights import read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,10 @@ def resume_candidates(run_dir: str) -> List[str]:
 
 def load_resumable(path: str) -> Dict[str, Any]:
     """Read a training checkpoint and check that it can resume a run."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, "resume")
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step") if k not in checkpoint]
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"resume={path} is not a training checkpoint of this framework (no {', '.join(missing)}); "
             "to start a new run from its weights use init_weights=PATH"
         )

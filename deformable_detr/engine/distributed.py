@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import DeviceError
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,7 +19,7 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> torch.device
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs) and pick this
     rank's device. Without torchrun, a single process on ``device``."""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} but no CUDA GPU is visible; use device=cpu")
+        raise DeviceError(f"device={device} but no CUDA GPU is visible; use device=cpu")
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return torch.device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

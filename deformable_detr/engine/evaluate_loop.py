@@ -7,7 +7,7 @@ import torch
 from ..evaluation.coco_evaluator import CocoEvaluation, CocoEvaluator
 from ..utils import distributed
 from ..utils.metric_logger import ProgressMeter
-from .train_loop import AMP_DTYPES, outputs_to_float, to_device
+from .precision import AMP_DTYPES, outputs_to_float, to_device
 
 logger = logging.getLogger(__name__)
 

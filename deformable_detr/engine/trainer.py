@@ -11,13 +11,15 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..errors import CheckpointError
 from ..evaluation.coco_evaluator import write_json_atomic
 from ..models.weights import Recipe, recipe_of_model
 from ..utils import distributed
 from .checkpoint import CheckpointKeeper
 from .evaluate_loop import evaluate
+from .progress import TrainingProgress
 from .rng import rng_state, set_rng_state
-from .train_loop import train_one_epoch
+from .train_step import TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -92,34 +94,53 @@ class StopRequest:
         return bool(flag.item() > 0)
 
 
+@dataclasses.dataclass
+class TrainingParts:
+    """What a run optimizes: ``model`` (the detector, unwrapped), ``train_model`` (the module to
+    train with, e.g. its DistributedDataParallel wrapper; default ``model``), the ``criterion``,
+    ``postprocess`` for evaluation, and the optimization state (``scaler`` for fp16 only)."""
+
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    postprocess: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler] = None
+    train_model: Optional[torch.nn.Module] = None
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """``train_loader``: a DataLoader whose ``sampler`` has ``set_epoch(epoch, start)`` and whose
+    dataset has ``set_epoch(epoch)``, dropping the last partial batch. ``val_loader`` and its
+    pycocotools ground truth ``val_coco``: evaluation (None: no evaluation)."""
+
+    train_loader: Any
+    val_loader: Any = None
+    val_coco: Any = None
+
+
 class Trainer:
     """Owns the state of a run and everything needed to continue it as if never stopped.
 
+    The trainer alone counts steps (``epoch``, ``epoch_step``, ``step``) and decides when to
+    evaluate, checkpoint and stop; ``TrainStep`` trains on one batch per call.
+
     Args:
-        model: the detector (unwrapped); ``train_model`` the module to train with (e.g. its
-            DistributedDataParallel wrapper), defaults to ``model``.
-        criterion, postprocess: loss and output conversion.
-        optimizer, scheduler, scaler: optimization state (scaler for fp16 only).
-        train_loader: a DataLoader whose ``sampler`` has ``set_epoch(epoch, start)`` and whose
-            dataset has ``set_epoch(epoch)``; drop_last batches.
-        val_loader, val_coco: evaluation data and its pycocotools ground truth (None: no evaluation).
-        device, run_dir, settings: where and how.
+        parts, data, settings: what is trained, on what, and how.
+        run_dir, device: where.
         writer: TensorBoard SummaryWriter on the main process, else None.
         extra_state: saved in every checkpoint as is (e.g. the composed ``config``).
+        seed: of the data loader's worker seeds (reseeded per epoch for exact resume).
     """
 
-    def __init__(self, model, criterion, postprocess, optimizer, scheduler, train_loader, val_loader, val_coco, device, run_dir,
-                 settings: TrainerSettings, *, train_model=None, scaler=None, writer=None, extra_state=None, seed: int = 0):
-        self.model = model
-        self.train_model = train_model or model
-        self.criterion = criterion
-        self.postprocess = postprocess
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scaler = scaler
-        self.train_loader = train_loader
-        self.val_loader = val_loader
-        self.val_coco = val_coco
+    def __init__(self, parts: TrainingParts, data: TrainingData, settings: TrainerSettings, run_dir: str, device: torch.device, *,
+                 writer=None, extra_state: Optional[Dict[str, Any]] = None, seed: int = 0):
+        self.model = parts.model
+        self.train_model = parts.train_model or parts.model
+        self.criterion, self.postprocess = parts.criterion, parts.postprocess
+        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
+        self.train_loader, self.val_loader, self.val_coco = data.train_loader, data.val_loader, data.val_coco
         self.device = device
         self.run_dir = run_dir
         self.settings = settings
@@ -127,17 +148,24 @@ class Trainer:
         self.extra_state = dict(extra_state or {})
         self.seed = seed
         self.keeper = CheckpointKeeper(run_dir, settings.keep_every)
-        self.steps_per_epoch = len(train_loader)
-        self.batch_size = train_loader.batch_size
+        self.steps_per_epoch = len(self.train_loader)
+        self.batch_size = self.train_loader.batch_size
         # progress: the epoch in progress, steps done in it, steps done in total
         self.epoch = 0
         self.epoch_step = 0
         self.step = 0
         self.best: Optional[float] = None
         if settings.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-            logger.warning("trainer.amp=bf16 on a CPU without native bfloat16 instructions is emulated and slow; trainer.amp=null is faster here")
+            logger.warning("trainer.amp=bf16 on a CPU without native bfloat16 instructions is emulated and slow; "
+                           "trainer.amp=null is faster here")
         self.history: List[Dict[str, Any]] = []
         self.last_evaluation = None
+        self.train_step = TrainStep(
+            self.train_model, self.criterion, self.optimizer, self.scheduler, device, amp=settings.amp, scaler=self.scaler,
+            max_norm=settings.clip_max_norm, max_nonfinite_steps=settings.max_nonfinite_steps, describe_images=self._describe_images,
+        )
+        self.progress = TrainingProgress(settings.epochs * self.steps_per_epoch, self.steps_per_epoch,
+                                         log_every=settings.log_every, writer=writer)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -164,7 +192,7 @@ class Trainer:
         path = checkpoint.get("path", "the checkpoint")
         saved, current = Recipe(**checkpoint.get("recipe", {})), recipe_of_model(self.model)
         if checkpoint.get("recipe") and saved != current:
-            raise ValueError(
+            raise CheckpointError(
                 f"resume={path} was trained as {saved.name()} ({saved.describe()}, {saved.num_classes} classes) "
                 f"but this run builds {current.name()} ({current.describe()}, {current.num_classes} classes); "
                 "resume with the run's original config or start a new run directory"
@@ -217,9 +245,7 @@ class Trainer:
                     return None
                 self.epoch += 1
                 self.epoch_step = 0
-                stats = None
-                if self.val_loader is not None and (self.epoch == settings.epochs or self.epoch % settings.eval_every == 0):
-                    stats = self.evaluate()
+                stats = self.evaluate() if self._evaluation_due() else None
                 is_best = stats is not None and (self.best is None or stats["AP"] > self.best)
                 if is_best:
                     self.best = stats["AP"]
@@ -239,38 +265,28 @@ class Trainer:
         )
 
     def _train_epoch(self, stop: StopRequest) -> bool:
-        """Train the rest of the current epoch; False when stopped before its end."""
-        settings = self.settings
-        loader = self.train_loader
-        loader.dataset.set_epoch(self.epoch)
-        loader.sampler.set_epoch(self.epoch, start=self.epoch_step * self.batch_size)
-        if getattr(loader, "generator", None) is not None:
-            # worker seeds come from here; reseed so a resumed epoch draws the same ones
-            loader.generator.manual_seed(self.seed + self.epoch)
+        """Train the rest of the current epoch; False when stopped before its end (with
+        ``epoch_step`` the steps done in it)."""
+        self._start_epoch()
+        self.progress.remaining_evaluations = self._evaluations_left()
         epoch_start = time.perf_counter()
-        checkpoint_every = settings.checkpoint_every_steps
-
-        def on_step(epoch_step: int) -> bool:
-            self.epoch_step = epoch_step
+        stopped = False
+        for images, masks, targets in self.train_loader:
+            result = self.train_step(images, masks, targets)
             self.step += 1
-            if epoch_step >= self.steps_per_epoch:
-                return False  # the epoch ends anyway; fit() checkpoints and checks for stops
+            self.epoch_step += 1
+            self.progress.update(result, self.step, self.epoch_step, self.optimizer)
+            if self.epoch_step == self.steps_per_epoch:
+                break  # fit() checkpoints the finished epoch and checks for stops
             if self._max_steps_reached() or stop.agreed(self.device):
-                return True
-            if checkpoint_every and self.step % checkpoint_every == 0:
+                stopped = True
+                break
+            if self.settings.checkpoint_every_steps and self.step % self.settings.checkpoint_every_steps == 0:
                 self.save(finished_epoch=False)
+        averages = self.progress.end_epoch()
+        if stopped or self.epoch_step < self.steps_per_epoch:
             return False
-
-        averages = train_one_epoch(
-            self.train_model, self.criterion, loader, self.optimizer, self.scheduler, self.device, self.epoch,
-            total_steps=self.steps_per_epoch, start_step=self.epoch_step, max_norm=settings.clip_max_norm,
-            amp=settings.amp, scaler=self.scaler, log_every=settings.log_every,
-            max_nonfinite_steps=settings.max_nonfinite_steps, on_step=on_step,
-            describe_images=self._describe_images, writer=self.writer, global_step=self.step - self.epoch_step,
-        )
-        if self.epoch_step < self.steps_per_epoch:
-            return False
-        skipped = getattr(loader.dataset, "skipped", None)
+        skipped = getattr(self.train_loader.dataset, "skipped", None)
         if skipped is not None and skipped.value:
             logger.warning("%d unreadable training images skipped so far (see the warnings above)", skipped.value)
         minutes = (time.perf_counter() - epoch_start) / 60
@@ -278,6 +294,28 @@ class Trainer:
         self.history.append(entry)
         self._log_json(entry)
         return True
+
+    def _start_epoch(self) -> None:
+        """Position the data at ``epoch_step`` of ``epoch``, exactly as an uninterrupted run would be."""
+        loader = self.train_loader
+        loader.dataset.set_epoch(self.epoch)
+        loader.sampler.set_epoch(self.epoch, start=self.epoch_step * self.batch_size)
+        if getattr(loader, "generator", None) is not None:
+            # worker seeds come from here; reseed so a resumed epoch draws the same ones
+            loader.generator.manual_seed(self.seed + self.epoch)
+        self.progress.start_epoch(self.epoch, self.epoch_step)
+
+    def _evaluation_due(self) -> bool:
+        """After finishing an epoch (``epoch`` already counts it): evaluate now?"""
+        every, epochs = self.settings.eval_every, self.settings.epochs
+        return self.val_loader is not None and (self.epoch == epochs or self.epoch % every == 0)
+
+    def _evaluations_left(self) -> int:
+        """Evaluations still to come, counting the one after the epoch in progress."""
+        if self.val_loader is None:
+            return 0
+        every, epochs = self.settings.eval_every, self.settings.epochs
+        return sum(1 for e in range(self.epoch + 1, epochs + 1) if e == epochs or e % every == 0)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[Dict[str, float]]:
@@ -290,7 +328,9 @@ class Trainer:
                 if len(drawn) < self.settings.tensorboard_images:
                     drawn.append((image.cpu(), mask.cpu(), {k: v.cpu() for k, v in target.items()}, {k: v.cpu() for k, v in result.items()}))
 
+        started = time.perf_counter()
         evaluation = evaluate(self.model, self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
+        self.progress.evaluation_seconds = time.perf_counter() - started
         if evaluation is None:
             return None
         self.last_evaluation = evaluation

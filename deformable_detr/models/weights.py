@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from ..errors import CheckpointError, MissingFileError
+
 OFFICIAL_EXPERIMENTS = (
     "r50_deformable_detr",
     "r50_deformable_detr_single_scale",
@@ -82,33 +84,34 @@ class LoadReport:
     messages: List[str]
 
 
-def read_checkpoint(path: str) -> Dict[str, Any]:
+def read_checkpoint(path: str, key: str = "checkpoint") -> Dict[str, Any]:
     """Load a checkpoint file safely (``weights_only``; ``argparse.Namespace`` allowed for official files).
+    Errors name the file as the config ``key`` that gave it (``checkpoint``, ``resume``, ``init_weights``).
 
     Returns a dict with at least ``model`` (a state_dict). A bare state_dict is wrapped.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint={path} does not exist (or is not a file)")
+        raise MissingFileError(f"{key}={path} does not exist (or is not a file)")
     with open(path, "rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive; files of torch < 1.6 are a bare pickle (protocol byte 0x80)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
-        raise ValueError(f"checkpoint={path} is not a readable PyTorch checkpoint (neither a torch.save archive nor a pickle)")
+        raise CheckpointError(f"{key}={path} is not a readable PyTorch checkpoint (neither a torch.save archive nor a pickle)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"checkpoint={path} holds objects that are not allowed in a safe load ({error}); "
+        raise CheckpointError(
+            f"{key}={path} holds objects that are not allowed in a safe load ({error}); "
             "it must be a PyTorch checkpoint of plain types and tensors"
         ) from error
     except Exception as error:  # truncated files, text files, other formats
-        raise ValueError(f"checkpoint={path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"{key}={path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
     if isinstance(checkpoint, Mapping) and "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
         return dict(checkpoint)
     if isinstance(checkpoint, Mapping) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
         return {"model": dict(checkpoint)}
-    raise ValueError(f"checkpoint={path} is not a model checkpoint: expected a dict with a 'model' state_dict")
+    raise CheckpointError(f"{key}={path} is not a model checkpoint: expected a dict with a 'model' state_dict")
 
 
 def is_official(checkpoint: Mapping[str, Any]) -> bool:
@@ -124,7 +127,7 @@ def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
         if key.startswith(_TIED_PREFIXES):
             own = key[len("transformer.decoder.") :]
             if own not in state_dict or not torch.equal(state_dict[own], value):
-                raise ValueError(f"official checkpoint key {key} should repeat {own}, but the values differ")
+                raise CheckpointError(f"official checkpoint key {key} should repeat {own}, but the values differ")
             continue
         if key.startswith("backbone.0."):
             key = "backbone." + key[len("backbone.0.") :]
@@ -184,7 +187,8 @@ def recipe_of_model(model) -> Recipe:
     )
 
 
-def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: Optional[Mapping[str, Any]] = None) -> LoadReport:
+def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: Optional[Mapping[str, Any]] = None,
+                 key: str = "checkpoint") -> LoadReport:
     """Load the weights of ``path`` (official release file or this framework's checkpoint) into ``model``.
 
     The checkpoint must be of the model's recipe. Only the number of classes may differ, and only
@@ -192,7 +196,7 @@ def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: O
     fresh initialization and the report says so. Anything else raises a ValueError naming the
     mismatch and the experiment the checkpoint fits; nothing is ever partially loaded in silence.
     """
-    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path, key)
     official = is_official(checkpoint)
     state = convert_official_state_dict(checkpoint["model"]) if official else dict(checkpoint["model"])
     hints = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) else checkpoint.get("recipe", {})
@@ -210,8 +214,8 @@ def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: O
     if mismatched:
         fits = found.name()
         hint = f"experiment={fits}" if fits in OFFICIAL_EXPERIMENTS else "a model config with these settings"
-        raise ValueError(
-            f"checkpoint={path} does not fit this model ({'; '.join(mismatched)}). "
+        raise CheckpointError(
+            f"{key}={path} does not fit this model ({'; '.join(mismatched)}). "
             f"The checkpoint is {fits} ({found.describe()}); the model is {wanted.name()}. Use {hint}."
         )
 
@@ -219,8 +223,8 @@ def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: O
     missing = sorted(set(model_state) - set(state))
     unexpected = sorted(set(state) - set(model_state))
     if missing or unexpected:
-        raise ValueError(
-            f"checkpoint={path} ({found.name()}) does not match the model's parameters: "
+        raise CheckpointError(
+            f"{key}={path} ({found.name()}) does not match the model's parameters: "
             f"missing {_preview(missing)}; unexpected {_preview(unexpected)}"
         )
     reinitialized, messages = [], []
@@ -229,11 +233,11 @@ def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: O
     other = [k for k in wrong_shape if not k.startswith("class_embed.")]
     if other:
         detail = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(model_state[k].shape)}" for k in other[:5])
-        raise ValueError(f"checkpoint={path} has tensors of other shapes than the model: {detail}")
+        raise CheckpointError(f"{key}={path} has tensors of other shapes than the model: {detail}")
     if class_keys:
         if not allow_new_classes:
-            raise ValueError(
-                f"checkpoint={path} predicts {found.num_classes} classes but the model {wanted.num_classes}; "
+            raise CheckpointError(
+                f"{key}={path} predicts {found.num_classes} classes but the model {wanted.num_classes}; "
                 "set the model's num_classes to match the checkpoint (COCO: 91)"
             )
         for k in class_keys:
@@ -246,7 +250,7 @@ def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: O
     result = model.load_state_dict(state, strict=not class_keys)
     leftover = [k for k in result.missing_keys if k not in reinitialized] + list(result.unexpected_keys)
     if leftover:
-        raise ValueError(f"checkpoint={path}: could not load {_preview(leftover)}")
+        raise CheckpointError(f"{key}={path}: could not load {_preview(leftover)}")
     epoch = checkpoint.get("epoch")
     return LoadReport(found, official, int(epoch) if isinstance(epoch, int) else None, reinitialized, messages)
 

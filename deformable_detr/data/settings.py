@@ -1,0 +1,84 @@
+"""Where a run's data comes from and how it is batched and transformed: the ``dataset`` config node.
+
+The defaults are the official COCO recipe; they live here and nowhere else (the Hydra schema of
+the ``dataset`` group is generated from these classes, the YAML files only say what differs).
+"""
+import dataclasses
+from typing import List, Mapping, Optional
+
+from .synthetic import SyntheticConfig
+from .transforms import (
+    CROP_MAX_SIZE,
+    CROP_MIN_SIZE,
+    CROP_RESIZE_SIZES,
+    EVAL_MAX_SIZE,
+    EVAL_SIZE,
+    TRAIN_MAX_SIZE,
+    TRAIN_SCALES,
+    Compose,
+    make_eval_transforms,
+    make_train_transforms,
+)
+
+
+@dataclasses.dataclass
+class TrainTransformSettings:
+    """Flip, then a resize of the shorter side to one of ``scales`` (longer at most ``max_size``),
+    or a resize to one of ``crop_resize_sizes``, a random crop of sides in [crop_min_size,
+    crop_max_size] and the same multi-scale resize."""
+
+    scales: List[int] = dataclasses.field(default_factory=lambda: list(TRAIN_SCALES))
+    max_size: int = TRAIN_MAX_SIZE
+    crop_resize_sizes: List[int] = dataclasses.field(default_factory=lambda: list(CROP_RESIZE_SIZES))
+    crop_min_size: int = CROP_MIN_SIZE
+    crop_max_size: int = CROP_MAX_SIZE
+
+    def build(self) -> Compose:
+        return make_train_transforms(list(self.scales), self.max_size, list(self.crop_resize_sizes), self.crop_min_size, self.crop_max_size)
+
+
+@dataclasses.dataclass
+class EvalTransformSettings:
+    """Shorter side ``size``, longer at most ``max_size``."""
+
+    size: int = EVAL_SIZE
+    max_size: int = EVAL_MAX_SIZE
+
+    def build(self) -> Compose:
+        return make_eval_transforms(self.size, self.max_size)
+
+
+@dataclasses.dataclass
+class DatasetSettings:
+    """A COCO-format dataset (``kind="coco"``) or the built-in synthetic one (``kind="synthetic"``,
+    generated from ``synthetic`` into ``root``).
+
+    ``root`` holds the standard layout ``train2017/``, ``val2017/``, ``annotations/instances_{train,val}2017.json``;
+    ``train_images``/``train_annotations``/``val_images``/``val_annotations`` override its paths.
+    ``num_classes``: logits of the model (default: the largest category id + 1). ``batch_size``
+    per process; ``skip_unreadable``: skip (and count) unreadable images instead of failing.
+    """
+
+    kind: str = "coco"
+    root: Optional[str] = None
+    train_images: Optional[str] = None
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    num_classes: Optional[int] = None
+    batch_size: int = 2
+    eval_batch_size: int = 2
+    num_workers: int = 2
+    skip_unreadable: bool = False
+    train_transforms: TrainTransformSettings = dataclasses.field(default_factory=TrainTransformSettings)
+    eval_transforms: EvalTransformSettings = dataclasses.field(default_factory=EvalTransformSettings)
+    synthetic: Optional[SyntheticConfig] = None
+
+    def __post_init__(self) -> None:
+        # built from a config, the nested settings arrive as plain dicts
+        if isinstance(self.train_transforms, Mapping):
+            self.train_transforms = TrainTransformSettings(**self.train_transforms)
+        if isinstance(self.eval_transforms, Mapping):
+            self.eval_transforms = EvalTransformSettings(**self.eval_transforms)
+        if isinstance(self.synthetic, Mapping):
+            self.synthetic = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.synthetic.items()})

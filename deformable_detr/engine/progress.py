@@ -1,0 +1,91 @@
+"""What a training run reports while it runs: a progress line (or a bar on a terminal) with the
+epoch's and the whole run's remaining time, and TensorBoard scalars."""
+import datetime
+import logging
+import sys
+from typing import Dict, Optional
+
+import torch
+
+from ..utils import distributed
+from ..utils.metric_logger import ProgressMeter
+from .train_step import StepResult
+
+logger = logging.getLogger(__name__)
+
+LOGGED_KEYS = ["loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "grad_norm", "lr"]
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+class TrainingProgress:
+    """Reports the steps of a run of ``total_steps`` steps (``steps_per_epoch`` per epoch).
+
+    Every ``log_every`` steps (and at an epoch's end) the main process logs a line such as
+    ``[epoch 3] 120/200 eta 0:01:10 (run 0:12:40) 9.8 img/s loss 4.21 ...`` and writes the
+    rank-averaged values to TensorBoard (``writer``). On a terminal a progress bar shows the same.
+    The run's remaining time counts the remaining steps at the recent step time plus the
+    evaluations still to come at the duration of the last one (``evaluation_seconds``).
+    """
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, *, log_every: int = 20, writer=None, bar: Optional[bool] = None):
+        self.total_steps, self.steps_per_epoch, self.log_every, self.writer = total_steps, steps_per_epoch, log_every, writer
+        main = distributed.is_main_process()
+        self.bar_enabled = main and (sys.stderr.isatty() if bar is None else bar)
+        self.evaluation_seconds = 0.0
+        self.remaining_evaluations = 0
+        self.meter: Optional[ProgressMeter] = None
+        self._bar = None
+
+    def start_epoch(self, epoch: int, epoch_step: int) -> None:
+        self.meter = ProgressMeter(self.steps_per_epoch, prefix=f"[epoch {epoch}]")
+        if self.bar_enabled:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._bar = tqdm(total=self.steps_per_epoch, initial=epoch_step, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
+            # console log lines are printed above the bar instead of through it
+            self._redirect = logging_redirect_tqdm([logging.getLogger()])
+            self._redirect.__enter__()
+
+    def update(self, result: StepResult, step: int, epoch_step: int, optimizer: torch.optim.Optimizer) -> None:
+        """After a step: ``step`` steps done in the run, ``epoch_step`` in the epoch."""
+        if self._bar is not None:
+            self._bar.update(1)
+        if result.skipped:
+            return
+        # one host sync per step: stack every value and read them together
+        names = sorted(result.values)
+        values = dict(zip(names, torch.stack([result.values[k].float() for k in names]).tolist()))
+        values["lr"] = optimizer.param_groups[0]["lr"]
+        self.meter.update(result.images * distributed.get_world_size(), **values)
+        if epoch_step % self.log_every and epoch_step != self.steps_per_epoch:
+            return
+        reduced = distributed.reduce_dict({k: torch.tensor(v) for k, v in values.items()})
+        if not distributed.is_main_process():
+            return
+        logger.info(self.line(step, epoch_step))
+        if self.writer is not None:
+            for name, value in reduced.items():
+                self.writer.add_scalar(f"train/{name}", float(value), step)
+            for group in optimizer.param_groups:
+                self.writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
+            self.writer.add_scalar("train/images_per_second", self.meter.images_per_second(), step)
+
+    def line(self, step: int, epoch_step: int) -> str:
+        step_seconds = self.meter.step_time.average if self.meter.step_time.count else 0.0
+        epoch_left = (self.steps_per_epoch - epoch_step) * step_seconds
+        run_left = (self.total_steps - step) * step_seconds + self.remaining_evaluations * self.evaluation_seconds
+        metrics = " ".join(f"{k} {self.meter.meters[k].median:.4g}" for k in LOGGED_KEYS if k in self.meter.meters)
+        return (f"{self.meter.prefix} {epoch_step}/{self.steps_per_epoch} eta {_duration(epoch_left)} (run {_duration(run_left)}) "
+                f"{self.meter.images_per_second():.1f} img/s {metrics}")
+
+    def end_epoch(self) -> Dict[str, float]:
+        """The epoch's averages of every reported value."""
+        if self._bar is not None:
+            self._bar.close()
+            self._redirect.__exit__(None, None, None)
+            self._bar = None
+        return self.meter.averages()
