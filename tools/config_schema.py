@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from deformable_detr.data.settings import DatasetSettings
+from deformable_detr.engine.trainer import TrainerSettings
 
 
 def schema_of(cls: type, target: bool = False) -> type:
@@ -43,6 +44,7 @@ def _schema_type(annotation):
 
 
 DatasetNode = schema_of(DatasetSettings, target=True)
+TrainerNode = schema_of(TrainerSettings, target=True)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class TrainConfig:
     device: str = "auto"
     resume: Optional[str] = "auto"
     init_weights: Optional[str] = None
+    overwrite: bool = False
     find_unused_parameters: bool = False
     model: Any = MISSING
     criterion: Any = MISSING
@@ -59,7 +62,7 @@ class TrainConfig:
     dataset: DatasetNode = field(default_factory=DatasetNode)
     optimizer: Any = MISSING
     schedule: Any = MISSING
-    trainer: Any = MISSING
+    trainer: TrainerNode = field(default_factory=TrainerNode)
 
 
 @dataclass
@@ -75,7 +78,7 @@ class EvalConfig:
     dataset: DatasetNode = field(default_factory=DatasetNode)
     optimizer: Any = MISSING
     schedule: Any = MISSING
-    trainer: Any = MISSING
+    trainer: TrainerNode = field(default_factory=TrainerNode)
 
 
 def register() -> None:

@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Optional, Tuple, Type
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,6 +60,7 @@ def check_command_line(config_name: str, arguments: Iterable[str]) -> None:
     """Report a misspelled key override (``trainer.epoch=1``) as one line with a suggestion, as
     the checks do for ``+key=`` additions; Hydra itself only says the key is not in the struct."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
     overrides = [a for a in arguments if "=" in a and not a.startswith("-")]
     groups = {name for name in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, name))}
@@ -68,13 +70,22 @@ def check_command_line(config_name: str, arguments: Iterable[str]) -> None:
         return key in groups or key.startswith("hydra") or "/" in key
 
     plain = [o for o in overrides if not o.startswith(("+", "~")) and not is_group(o)]
-    if not plain:
-        return
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=[o for o in overrides if is_group(o)])
+            if plain:
+                _report_bad_key(cfg, plain)
+            compose(config_name=config_name, overrides=overrides)
+    except ConfigCompositionException as error:
+        # e.g. trainer.epochs=abc: the typed schema refuses the value; one line instead of Hydra's report
+        cause = str(error.__cause__ or error).splitlines()[0]
+        print(f"error: {str(error).splitlines()[0]}: {cause}", file=sys.stderr)
+        sys.exit(2)
     except Exception:
-        return  # Hydra reports problems of the group overrides itself
+        return  # anything else Hydra reports itself, when it composes the config again
+
+
+def _report_bad_key(cfg: DictConfig, plain: Iterable[str]) -> None:
     for override in plain:
         key = override.split("=", 1)[0]
         parent_key, _, leaf = key.rpartition(".")
@@ -121,7 +132,7 @@ def dataset_settings(node) -> DatasetSettings:
     """The ``dataset`` config node, built (a ``DatasetSettings``; passed through if it is one)."""
     if isinstance(node, DatasetSettings):
         return node
-    settings = instantiate(node, _convert_="all")
+    settings = build(node, _convert_="all")
     if settings.kind not in ("coco", "synthetic"):
         raise ConfigError(f"dataset.kind={settings.kind} is not one of coco, synthetic")
     return settings
@@ -204,8 +215,26 @@ def run_reporting_errors(function: Callable[[DictConfig], object], cfg: DictConf
     try:
         return function(cfg)
     except expected as error:
-        logger.error("%s", error)
+        # the run's log file keeps the error too; the console gets exactly one line
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
         shutdown_distributed()
+
+
+def build(node: DictConfig, **kwargs):
+    """``instantiate(node, **kwargs)``, letting a ``UserError`` raised by the constructor (a value
+    it refuses) through as itself rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

@@ -20,10 +20,11 @@ from config_schema import TrainConfig  # importing registers the schemas
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from deformable_detr.engine.checkpoint import find_resume, load_resumable
+from deformable_detr.engine.checkpoint import find_resume, load_resumable, refuse_to_overwrite, remove_stale_temporaries
 from deformable_detr.engine.distributed import init_distributed
 from deformable_detr.engine.precision import AMP_DTYPES
 from deformable_detr.engine.rng import seed_everything
+from deformable_detr.engine.run_lock import RunLock
 from deformable_detr.engine.trainer import Trainer, TrainingData, TrainingParts
 from deformable_detr.errors import ConfigError
 from deformable_detr.models.weights import load_weights
@@ -35,17 +36,23 @@ logger = runtime.logger
 def train(cfg: DictConfig):
     # every check that needs no data or model comes first
     check_config(cfg, TrainConfig)
-    settings = instantiate(cfg.trainer)
+    settings = runtime.build(cfg.trainer)
     if settings.amp not in AMP_DTYPES:
         raise ConfigError(f"trainer.amp={settings.amp} is not one of null, bf16, fp16")
     runtime.check_files_exist(cfg, ["resume", "init_weights"])
     data = runtime.dataset_settings(cfg.dataset)
     device = init_distributed(runtime.resolve_device(cfg.device))
     run_dir = runtime.run_directory()
-    runtime.setup_logging(run_dir, "train.log")
     rank, world = distributed.get_rank(), distributed.get_world_size()
+    # the process that writes checkpoints holds the run directory until it exits
+    lock = RunLock(run_dir).acquire() if rank == 0 else None
+    runtime.setup_logging(run_dir, "train.log")
     if rank == 0:
         OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+        removed = remove_stale_temporaries(run_dir)
+        if removed:
+            logger.info("removed %d temporary file(s) (%.1f MB) left by interrupted checkpoint saves: %s", len(removed),
+                        sum(size for _, size in removed) / 1e6, ", ".join(os.path.basename(path) for path, _ in removed))
     logger.info("run directory %s; %s on %d process(es), device %s", run_dir, cfg.name, world, device)
     seed_everything(cfg.seed + rank)
 
@@ -58,7 +65,7 @@ def train(cfg: DictConfig):
     logger.info("data: %d train / %d val images, %s, %d steps per epoch",
                 len(train_set), len(val_set), runtime.describe_categories(train_set.coco, num_classes), len(train_loader))
 
-    model = instantiate(cfg.model, num_classes=num_classes).to(device)
+    model = runtime.build(cfg.model, num_classes=num_classes).to(device)
     if cfg.init_weights:
         report = load_weights(model, cfg.init_weights, allow_new_classes=True, key="init_weights")
         logger.info("initialized from %s (%s)%s", cfg.init_weights, report.recipe.name(), "".join(f"; {m}" for m in report.messages))
@@ -96,9 +103,13 @@ def train(cfg: DictConfig):
         resume["path"] = cfg.resume
     if resume is not None:
         trainer.load_state_dict(resume)
+    elif not cfg.overwrite:
+        refuse_to_overwrite(run_dir)
     stats = trainer.fit()
     if writer is not None:
         writer.close()
+    if lock is not None:
+        lock.release()
     if stats is not None:
         logger.info("final COCO box AP %.4f (AP50 %.4f); %s", stats["AP"], stats["AP50"], run_dir)
     return stats

@@ -1,17 +1,20 @@
 """Training checkpoints: written atomically, kept as last / best / every N epochs, found again on resume.
 
-A checkpoint is one dict of plain types and tensors:
-``model``, ``optimizer``, ``scheduler``, ``scaler`` (state_dicts), ``epoch`` (the epoch in progress),
-``step`` (optimizer steps done in total), ``epoch_step`` (steps done in ``epoch``), ``rng`` (per-rank
-random states), ``recipe`` (architecture facts, see ``models.weights.Recipe``), ``config`` (the
-composed run config), ``best`` (best metric so far), ``history`` (per-epoch metrics).
+A training checkpoint is one dict of plain types and tensors:
+``model``, ``optimizer``, ``scheduler``, ``scaler``, ``ema`` (state_dicts), ``epoch`` (the epoch in
+progress), ``step`` (optimizer steps done in total), ``epoch_step`` (steps done in ``epoch``), ``rng``
+(per-rank random states), ``recipe`` (architecture facts, see ``models.weights.Recipe``), ``config``
+(the composed run config), ``categories`` (the dataset's ``[{id, name}]``), ``best`` (best metric so
+far), ``history`` (per-epoch metrics). ``checkpoint_last.pth`` and the per-epoch files hold all of
+it; ``checkpoint_best.pth`` is a release file: the weights that scored best (the EMA weights when
+EMA is on) and what describes them, without the optimizer state.
 """
 import glob
 import logging
 import os
 import re
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,19 +26,32 @@ logger = logging.getLogger(__name__)
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
 _EPOCH = re.compile(r"checkpoint_epoch(\d+)\.pth$")
+TEMP_PREFIX = ".tmp_"
+# what save_atomic's temporary files are called: tempfile's 8 random characters between these
+_TEMP = re.compile(r"^\.tmp_[a-z0-9_]{8}\.pth$")
+# the keys of a training state that a release file (the best checkpoint) leaves out
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_step", "world_size", "batch_size")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(state: Dict[str, Any], path: str) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over ``path``,
-    so ``path`` always holds either the previous or the new complete checkpoint."""
+    so ``path`` always holds either the previous or the new complete checkpoint. The finished
+    file gets the permissions the umask gives (the temporary file is private until then)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pth", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -74,21 +90,65 @@ def load_resumable(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def find_resume(run_dir: str) -> Optional[Dict[str, Any]]:
-    """The newest readable training checkpoint of ``run_dir`` (with its ``path``), or None.
+def remove_stale_temporaries(run_dir: str) -> List[Tuple[str, int]]:
+    """Delete the temporary files that interrupted saves left in ``run_dir`` (only files of
+    ``save_atomic``'s naming); call it while holding the run directory's lock. Returns their
+    paths and sizes in bytes."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name)
+        if _TEMP.match(name) and os.path.isfile(path):
+            size = os.path.getsize(path)
+            os.unlink(path)
+            removed.append((path, size))
+    return removed
 
-    Writes are atomic, so the last checkpoint is complete; an unreadable one (e.g. the disk was
-    damaged) is reported and the next newest is tried rather than failing the resume.
+
+def refuse_to_overwrite(run_dir: str) -> None:
+    """A run about to start from scratch in ``run_dir`` must not replace checkpoints of an
+    earlier run there unless asked (``overwrite=true``)."""
+    existing = [name for name in (BEST, LAST) if os.path.isfile(os.path.join(run_dir, name))]
+    if existing:
+        raise CheckpointError(
+            f"hydra.run.dir={run_dir} already holds {' and '.join(existing)} of an earlier run that this run would overwrite; "
+            "resume=auto continues it, overwrite=true starts over and replaces them, or choose another hydra.run.dir"
+        )
+
+
+def find_resume(run_dir: str) -> Optional[Dict[str, Any]]:
+    """The newest readable training checkpoint of ``run_dir`` (with its ``path``), or None when
+    the directory holds no checkpoint at all.
+
+    Writes are atomic, so the last checkpoint is complete unless something else damaged it; an
+    unreadable one is reported and the next newest is tried. When checkpoints exist but none can
+    resume the run, this raises rather than let the run silently start over.
     """
+    problems = []
     for path in resume_candidates(run_dir):
         try:
             checkpoint = load_resumable(path)
-        except (ValueError, OSError) as error:
+        except (CheckpointError, OSError) as error:
             logger.warning("skipping unreadable checkpoint %s: %s", path, error)
+            problems.append(os.path.basename(path))
             continue
         checkpoint["path"] = path
         return checkpoint
+    if problems:
+        raise CheckpointError(
+            f"hydra.run.dir={run_dir} holds checkpoints but none can resume the run ({', '.join(problems)} unreadable); "
+            "resume=PATH continues from another file, resume=null overwrite=true starts the run over in this directory"
+        )
     return None
+
+
+def release_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A training state without what only resuming needs: the best checkpoint's content.
+    With EMA its ``model`` is the EMA weights (those that were evaluated)."""
+    release = {k: v for k, v in state.items() if k not in RESUME_ONLY and k != "ema"}
+    if state.get("ema") is not None:
+        release["model"] = state["ema"]["model"]
+        release["raw_model"] = state["model"]
+    return release
 
 
 class CheckpointKeeper:
@@ -108,5 +168,5 @@ class CheckpointKeeper:
         if finished_epoch is not None and self.keep_every and (finished_epoch + 1) % self.keep_every == 0:
             written.append(os.path.join(self.run_dir, epoch_checkpoint_name(finished_epoch)))
         for path in written:
-            save_atomic(state, path)
+            save_atomic(release_state(state) if path.endswith(BEST) else state, path)
         return written

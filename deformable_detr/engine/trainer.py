@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..evaluation.coco_evaluator import write_json_atomic
 from ..models.weights import Recipe, recipe_of_model
 from ..utils import distributed
@@ -19,7 +20,7 @@ from .checkpoint import CheckpointKeeper
 from .evaluate_loop import evaluate
 from .progress import TrainingProgress
 from .rng import rng_state, set_rng_state
-from .train_step import TrainStep
+from .train_step import TrainStep, skip_schedule_step
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class TrainerSettings:
     a checkpoint once this many steps are done in total (None: train all epochs).
     max_nonfinite_steps: consecutive NaN/inf losses before aborting. tensorboard_images: validation
     images drawn with their predictions at each evaluation. score_threshold: of the drawn boxes.
+    ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.9998),
+    updated after every optimizer step and used for evaluation (None: off). accumulate_steps:
+    batches per optimizer step (gradient accumulation; the schedule counts optimizer steps).
     """
 
     epochs: int = 50
@@ -48,6 +52,16 @@ class TrainerSettings:
     max_nonfinite_steps: int = 5
     tensorboard_images: int = 4
     score_threshold: float = 0.3
+    ema_decay: Optional[float] = None
+    accumulate_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.accumulate_steps < 1:
+            raise ConfigError(f"trainer.accumulate_steps={self.accumulate_steps} must be >= 1")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.9998, or null for no EMA")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ConfigError(f"trainer.amp={self.amp} is not one of null, bf16, fp16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -58,6 +72,16 @@ def cpu_has_native_bf16() -> bool:
         return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
     except RuntimeError:
         return False
+
+
+def _groups(iterable, size: int):
+    """Consecutive lists of ``size`` items (a shorter last one is dropped)."""
+    group = []
+    for item in iterable:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 class StopRequest:
@@ -148,8 +172,11 @@ class Trainer:
         self.extra_state = dict(extra_state or {})
         self.seed = seed
         self.keeper = CheckpointKeeper(run_dir, settings.keep_every)
-        self.steps_per_epoch = len(self.train_loader)
-        self.batch_size = self.train_loader.batch_size
+        self.accumulate = settings.accumulate_steps
+        self.steps_per_epoch = len(self.train_loader) // self.accumulate
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"trainer.accumulate_steps={self.accumulate} is more than the {len(self.train_loader)} batches of an epoch")
+        self.batch_size = self.train_loader.batch_size * self.accumulate  # images per process and optimizer step
         # progress: the epoch in progress, steps done in it, steps done in total
         self.epoch = 0
         self.epoch_step = 0
@@ -160,9 +187,14 @@ class Trainer:
                            "trainer.amp=null is faster here")
         self.history: List[Dict[str, Any]] = []
         self.last_evaluation = None
+        self.ema = None
+        if settings.ema_decay is not None:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+            logger.info("keeping an EMA of the weights (decay %g); evaluations use it", settings.ema_decay)
         self.train_step = TrainStep(
             self.train_model, self.criterion, self.optimizer, self.scheduler, device, amp=settings.amp, scaler=self.scaler,
-            max_norm=settings.clip_max_norm, max_nonfinite_steps=settings.max_nonfinite_steps, describe_images=self._describe_images,
+            max_norm=settings.clip_max_norm, ema=self.ema, max_nonfinite_steps=settings.max_nonfinite_steps,
+            describe_images=self._describe_images,
         )
         self.progress = TrainingProgress(settings.epochs * self.steps_per_epoch, self.steps_per_epoch,
                                          log_every=settings.log_every, writer=writer)
@@ -175,6 +207,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": {"model": self.ema.module.state_dict(), "n_averaged": self.ema.n_averaged} if self.ema is not None else None,
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
             "step": self.step,
@@ -202,18 +235,18 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None:
+            if checkpoint.get("ema"):
+                self.ema.module.load_state_dict(checkpoint["ema"]["model"])
+                self.ema.n_averaged.copy_(checkpoint["ema"]["n_averaged"])
+            else:
+                logger.warning("%s holds no EMA weights: the EMA starts from the resumed weights", path)
+                self.ema.module.load_state_dict(checkpoint["model"])
         self.epoch, self.epoch_step, self.step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
         self.best, self.history = checkpoint.get("best"), list(checkpoint.get("history", []))
         world, batch = distributed.get_world_size(), self.batch_size
-        same_layout = checkpoint.get("world_size") == world and checkpoint.get("batch_size") == batch
-        if not same_layout and self.epoch_step:
-            # keep the number of samples seen this epoch; exact continuation needs the same layout
-            samples = self.epoch_step * checkpoint.get("batch_size", batch) * checkpoint.get("world_size", world)
-            self.epoch_step = min(self.steps_per_epoch, samples // (batch * world))
-            logger.warning(
-                "resuming with %d processes x batch %d instead of %s x %s: continuing at step %d of the epoch, "
-                "not bit-identical to an uninterrupted run", world, batch, checkpoint.get("world_size"), checkpoint.get("batch_size"), self.epoch_step,
-            )
+        if (checkpoint.get("world_size", world), checkpoint.get("batch_size", batch)) != (world, batch):
+            self._continue_with_another_layout(checkpoint, path)
         rng = checkpoint.get("rng") or []
         if len(rng) == world:
             set_rng_state(rng[distributed.get_rank()])
@@ -221,6 +254,32 @@ class Trainer:
             logger.warning("the checkpoint holds random states of %d processes, not %d: not restored", len(rng), world)
         logger.info("resumed from %s at epoch %d, step %d of %d in the epoch (%d steps in total)",
                     path, self.epoch, self.epoch_step, self.steps_per_epoch, self.step)
+
+    def _continue_with_another_layout(self, checkpoint: Dict[str, Any], path: str) -> None:
+        """Resume a run written by another number of processes or batch size: the epoch continues
+        after exactly the images already seen (the sampler deals one permutation round-robin, so
+        those are its first ``epoch_step * batch * world`` positions), which is only possible when
+        this layout's images per step divide that count. The schedule is renumbered in steps."""
+        old_world, old_batch = checkpoint.get("world_size", 1), checkpoint.get("batch_size", self.batch_size)
+        world, batch = distributed.get_world_size(), self.batch_size
+        seen = self.epoch_step * old_batch * old_world
+        if seen % (batch * world):
+            raise CheckpointError(
+                f"resume={path} stopped after {seen} images of epoch {self.epoch} with {old_world} process(es) x batch {old_batch}; "
+                f"{world} process(es) x batch {batch} cannot continue that epoch without skipping or repeating images: "
+                f"resume with {old_world} process(es) and dataset.batch_size={old_batch // self.accumulate} "
+                "(trainer.accumulate_steps as before), or from a checkpoint written at the end of an epoch"
+            )
+        self.epoch_step = seen // (batch * world)
+        self.step = self.epoch * self.steps_per_epoch + self.epoch_step
+        # the schedule is a function of the step; its lambdas were built for this layout's epochs
+        self.scheduler.last_epoch = self.step - 1
+        skip_schedule_step(self.scheduler)  # sets every group's rate for step ``self.step``
+        logger.warning(
+            "resuming with %d process(es) x batch %d instead of %d x %d: continuing epoch %d after the same %d images "
+            "(step %d of %d); the run is renumbered to %d steps per epoch",
+            world, batch, old_world, old_batch, self.epoch, seen, self.epoch_step, self.steps_per_epoch, self.steps_per_epoch,
+        )
 
     def save(self, *, finished_epoch: bool, is_best: bool = False) -> None:
         state = self.state_dict()  # a collective: every rank builds it
@@ -271,8 +330,8 @@ class Trainer:
         self.progress.remaining_evaluations = self._evaluations_left()
         epoch_start = time.perf_counter()
         stopped = False
-        for images, masks, targets in self.train_loader:
-            result = self.train_step(images, masks, targets)
+        for micro_batches in _groups(self.train_loader, self.accumulate):
+            result = self.train_step.accumulate(micro_batches)
             self.step += 1
             self.epoch_step += 1
             self.progress.update(result, self.step, self.epoch_step, self.optimizer)
@@ -329,7 +388,8 @@ class Trainer:
                     drawn.append((image.cpu(), mask.cpu(), {k: v.cpu() for k, v in target.items()}, {k: v.cpu() for k, v in result.items()}))
 
         started = time.perf_counter()
-        evaluation = evaluate(self.model, self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
+        model = self.ema.module if self.ema is not None else self.model
+        evaluation = evaluate(model, self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
         self.progress.evaluation_seconds = time.perf_counter() - started
         if evaluation is None:
             return None

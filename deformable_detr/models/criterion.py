@@ -2,7 +2,7 @@
 
 Legend: B batch, Q queries, K classes, T targets.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,23 +100,19 @@ class SetCriterion(nn.Module):
             losses.update(self.loss_cardinality(outputs, targets))
         return {k + suffix: v for k, v in losses.items()}
 
-    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]], num_boxes: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: the detector's output dict (``pred_logits``, ``pred_boxes``, optional
                 ``aux_outputs`` and ``enc_outputs``).
             targets: per image ``labels`` (T,) and ``boxes`` (T, 4) cxcywh in [0, 1].
+            num_boxes: the loss normalizer (0-d); default ``normalizer(targets)``. Gradient
+                accumulation passes the normalizer of all its micro-batches.
         Returns:
             unweighted losses and logged metrics by name.
         """
-        device = outputs["pred_logits"].device
-        # normalize by the mean number of target boxes per rank (at least 1), kept as a tensor
-        # so no host sync is needed here
-        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        if dist.get_world_size() > 1:
-            torch.distributed.all_reduce(num_boxes)
-            num_boxes = num_boxes / dist.get_world_size()
-        num_boxes = torch.clamp(num_boxes, min=1.0)[0]
+        if num_boxes is None:
+            num_boxes = self.normalizer(targets, outputs["pred_logits"].device)
 
         losses = self._losses(outputs, targets, num_boxes, "", log=True)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
@@ -126,6 +122,16 @@ class SetCriterion(nn.Module):
             binary = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
             losses.update(self._losses(outputs["enc_outputs"], binary, num_boxes, "_enc", log=False))
         return losses
+
+    @staticmethod
+    def normalizer(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+        """The mean number of target boxes per rank (at least 1), as a 0-d tensor on ``device``;
+        kept a tensor so no host sync is needed. ``targets`` may span several micro-batches."""
+        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if dist.get_world_size() > 1:
+            torch.distributed.all_reduce(num_boxes)
+            num_boxes = num_boxes / dist.get_world_size()
+        return torch.clamp(num_boxes, min=1.0)[0]
 
     def total_loss(self, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Weighted sum of the losses that have a weight."""
