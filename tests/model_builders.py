@@ -11,9 +11,9 @@ def official_model(experiment, num_classes=91):
     return instantiate(cfg.model, num_classes=num_classes)
 
 
-def tiny_model(levels=4, refine=False, two_stage=False, num_classes=10, queries=20, hidden=64, dropout=0.0):
+def tiny_model(levels=4, refine=False, two_stage=False, num_classes=10, queries=20, hidden=64, dropout=0.0, norm="bn"):
     """A ResNet-18 model small enough to train for a few steps in seconds on a CPU."""
-    backbone = Backbone("resnet18", True, levels > 1, False, norm="bn", trainable_layers=5)
+    backbone = Backbone("resnet18", True, levels > 1, False, norm=norm, trainable_layers=5)
     transformer = DeformableTransformer(
         d_model=hidden, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128, dropout=dropout,
         num_feature_levels=levels, dec_n_points=2, enc_n_points=2, two_stage=two_stage, two_stage_num_proposals=queries,

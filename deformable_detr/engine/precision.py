@@ -15,9 +15,10 @@ def autocast(device: torch.device, amp: Optional[str]):
 
 
 def outputs_to_float(outputs):
-    """Autocast leaves half-precision outputs; the matcher and losses run in float32."""
+    """Autocast leaves half-precision outputs; the matcher and losses run in float32 (or the
+    model's own precision when that is higher, e.g. float64)."""
     if torch.is_tensor(outputs):
-        return outputs.float()
+        return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
     if isinstance(outputs, dict):
         return {k: outputs_to_float(v) for k, v in outputs.items()}
     if isinstance(outputs, (list, tuple)):

@@ -1,0 +1,126 @@
+"""Training runs end to end through tools/train.py: EMA with exact resume, release checkpoints,
+damaged checkpoints, the run-directory lock, another process count on resume, elastic restarts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cli import ROOT, run_tool
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic") / "data")
+
+
+def tiny(run_dir, data_root, *extra):
+    return ["experiment=tiny_test", "device=cpu", f"dataset.root={data_root}", f"hydra.run.dir={run_dir}", *extra]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_ema_resume_is_bit_identical_and_best_is_a_release_file(tmp_path, data_root):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ["trainer.epochs=2", "trainer.ema_decay=0.9", "dataset.num_workers=0"]
+    result = run_tool("train", *tiny(whole, data_root, *common))
+    assert_ok(result)
+    assert "keeping an EMA of the weights" in result.stdout
+    assert_ok(run_tool("train", *tiny(split, data_root, *common, "trainer.max_steps=3")))
+    (split / ".tmp_k3y9x2ab.pth").write_bytes(b"x" * 1000)  # left by a save that was killed
+    result = run_tool("train", *tiny(split, data_root, *common))
+    assert_ok(result)
+    assert "removed 1 temporary file(s)" in result.stdout and not (split / ".tmp_k3y9x2ab.pth").exists()
+    a = torch.load(whole / "checkpoint_last.pth", weights_only=True)
+    b = torch.load(split / "checkpoint_last.pth", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for part in ("model",):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), key
+    assert int(a["ema"]["n_averaged"]) == int(b["ema"]["n_averaged"]) == 8
+    for key, value in a["ema"]["model"].items():
+        assert torch.equal(value, b["ema"]["model"][key]), key
+    best = torch.load(whole / "checkpoint_best.pth", weights_only=True)
+    assert "optimizer" not in best and "ema" not in best
+    assert os.path.getsize(whole / "checkpoint_best.pth") < 0.6 * os.path.getsize(whole / "checkpoint_last.pth")
+    evaluation = tmp_path / "eval"
+    assert_ok(run_tool("eval", f"checkpoint={whole / 'checkpoint_best.pth'}", f"hydra.run.dir={evaluation}", "device=cpu"))
+    # evaluating the release file gives the numbers training logged for the EMA weights
+    history = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
+    assert json.loads((evaluation / "metrics.json").read_text())["AP"] == pytest.approx(max(h["val_AP"] for h in history if "val_AP" in h))
+
+
+def test_damaged_checkpoints_never_restart_a_run_silently(tmp_path, data_root):
+    run = tmp_path / "run"
+    assert_ok(run_tool("train", *tiny(run, data_root, "trainer.epochs=1")))
+    best_before = (run / "checkpoint_best.pth").read_bytes()
+    data = (run / "checkpoint_last.pth").read_bytes()
+    (run / "checkpoint_last.pth").write_bytes(data[: len(data) // 3])
+    line = one_line_error(run_tool("train", *tiny(run, data_root, "trainer.epochs=2")), "checkpoint_last.pth", "resume=null")
+    assert "none can resume" in line
+    one_line_error(run_tool("train", *tiny(run, data_root, "trainer.epochs=2", "resume=null")), "checkpoint_best.pth", "overwrite=true")
+    one_line_error(run_tool("train", *tiny(tmp_path / "other", data_root, f"resume={run / 'checkpoint_last.pth'}")),
+                   f"resume={run / 'checkpoint_last.pth'}", "not a readable PyTorch checkpoint")
+    assert (run / "checkpoint_best.pth").read_bytes() == best_before
+
+
+def test_a_second_run_into_a_locked_directory_stops_at_once(tmp_path, data_root):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from deformable_detr.engine.run_lock import RunLock; RunLock({str(run)!r}).acquire(); "
+                               "print('locked', flush=True); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        one_line_error(run_tool("train", *tiny(run, data_root)), f"hydra.run.dir={run} is in use", f"pid {holder.pid}")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not (run / "checkpoint_last.pth").exists()
+
+
+def test_a_two_process_run_continues_exactly_on_one_process(tmp_path, data_root):
+    run = tmp_path / "run"
+    launcher = TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
+    assert_ok(run_tool("train", *tiny(run, data_root, "trainer.max_steps=1", "trainer.epochs=2"), launcher=launcher, timeout=900))
+    stopped = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    assert (stopped["world_size"], stopped["epoch_step"], stopped["step"]) == (2, 1, 1)
+    # 4 images seen of epoch 0: a 3-image step cannot continue after them exactly
+    one_line_error(run_tool("train", *tiny(run, data_root, "trainer.epochs=2", "dataset.batch_size=3")), "cannot continue that epoch")
+    result = run_tool("train", *tiny(run, data_root, "trainer.epochs=2"))
+    assert_ok(result)
+    assert "continuing epoch 0 after the same 4 images (step 2 of 4)" in result.stdout
+    finished = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    assert (finished["world_size"], finished["epoch"], finished["step"]) == (1, 2, 8)
+    assert finished["scheduler"]["last_epoch"] == 8
+
+
+def test_an_elastic_restart_resumes_from_the_last_checkpoint(tmp_path, data_root):
+    run, marker = tmp_path / "run", tmp_path / "failed-once"
+    command = TORCHRUN + ["--standalone", "--nproc_per_node", "1", "--max-restarts", "1", os.path.join(ROOT, "tests", "elastic_train.py"),
+                          f"hydra.searchpath=[file://{ROOT}/tests/configs]", *tiny(run, data_root, "trainer.checkpoint_every_steps=2")]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", DDETR_FAIL_AT_STEP="3", DDETR_FAIL_MARKER=str(marker), PYTHONUNBUFFERED="1",
+                       PYTHONPATH=os.path.join(ROOT, "tools"))
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=environment)
+    assert_ok(result)
+    assert marker.exists() and "injected failure at step 3" in result.stdout + result.stderr
+    assert "resumed from" in (run / "train.log").read_text()
+    finished = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    assert (finished["epoch"], finished["step"]) == (2, 8)
