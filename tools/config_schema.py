@@ -96,10 +96,57 @@ class EvalConfig:
     trainer: Any = MISSING
 
 
+@dataclass
+class InferConfig:
+    checkpoint: str = MISSING
+    input: str = MISSING
+    name: str = "deformable_detr"
+    seed: int = 42
+    device: str = "auto"
+    amp: Optional[str] = None
+    batch_size: int = 2
+    num_workers: int = 2
+    score_threshold: float = 0.3
+    skip_unreadable: bool = False
+    picture_format: str = "png"
+    model: Any = MISSING
+    criterion: Any = MISSING
+    postprocess: Any = MISSING
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+
+
+@dataclass
+class VisualizeConfig:
+    checkpoint: str = MISSING
+    input: str = MISSING
+    name: str = "deformable_detr"
+    seed: int = 42
+    device: str = "auto"
+    amp: Optional[str] = None
+    layer: int = -1
+    encoder_layer: int = -1
+    top_k: int = 4
+    queries: Optional[List[int]] = None
+    points: Optional[List[List[float]]] = None
+    colour_by: str = "level"
+    model: Any = MISSING
+    criterion: Any = MISSING
+    postprocess: Any = MISSING
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="infer_schema", node=InferConfig)
+    store.store(name="visualize_schema", node=VisualizeConfig)
 
 
 register()

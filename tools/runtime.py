@@ -22,6 +22,7 @@ from deformable_detr.data import (
     make_train_transforms,
 )
 from deformable_detr.engine.distributed import shutdown_distributed
+from deformable_detr.errors import DeviceError
 from deformable_detr.utils import distributed
 
 logger = logging.getLogger("deformable_detr")
@@ -142,3 +143,11 @@ def run_reporting_errors(function: Callable[[DictConfig], object], cfg: DictConf
         sys.exit(2)
     finally:
         shutdown_distributed()
+
+
+def single_device(name: str) -> torch.device:
+    """``device=`` for a one-process tool (infer, visualize): auto, cpu, cuda or cuda:N, checked to exist."""
+    device = resolve_device(name)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device={name} but no CUDA GPU is visible; use device=cpu")
+    return torch.device(device)
