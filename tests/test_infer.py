@@ -1,4 +1,7 @@
-"""tools/infer.py end to end on a tiny random model and tiny images, and the image-file and drawing helpers."""
+"""tools/infer.py on a tiny random model and tiny images, and the image-file and drawing helpers.
+
+Two runs start the tool as a command (``run_tool``); the others run it in this process, which takes
+seconds instead of an interpreter's start-up each."""
 import json
 import os
 
@@ -6,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from cli import run_tool
+from cli import run_tool, run_tool_in_process
 from deformable_detr.data.image_files import list_image_files, read_image
 from deformable_detr.errors import DataError, MissingFileError
 from deformable_detr.visualization import draw_detections
@@ -31,9 +34,11 @@ def images(tmp_path_factory):
     return folder
 
 
-def infer(checkpoint, source, run_dir, *extra):
-    return run_tool("infer", f"checkpoint={checkpoint}", f"input={source}", f"hydra.run.dir={run_dir}", "device=cpu",
-                    "num_workers=0", "score_threshold=0", *extra)
+def infer(checkpoint, source, run_dir, *extra, command=False):
+    arguments = [f"checkpoint={checkpoint}", f"input={source}", f"hydra.run.dir={run_dir}", "device=cpu", "score_threshold=0"]
+    if command:
+        return run_tool("infer", *arguments, *extra)
+    return run_tool_in_process("infer", *arguments, "num_workers=0", *extra)
 
 
 def assert_ok(result):
@@ -50,7 +55,7 @@ def assert_one_line_error(result, *needles):
 
 def test_folder_writes_pictures_and_predictions(checkpoint, images, tmp_path):
     run = tmp_path / "run"
-    assert_ok(infer(checkpoint, images, run, "batch_size=2"))
+    assert_ok(infer(checkpoint, images, run, "batch_size=2", command=True))
     predictions = json.loads((run / "predictions.json").read_text())
     assert [p["file_name"] for p in predictions] == ["a_small.jpg", "b_wide.png", "c_rotated.jpg"]
     sizes = {p["file_name"]: (p["width"], p["height"]) for p in predictions}
@@ -118,7 +123,8 @@ def test_unreadable_file_is_an_error_or_skipped(checkpoint, images, tmp_path):
     make_image(folder / "good.png", 64, 64)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     # decoded in a worker process: the message still comes back as one line naming the file
-    assert_one_line_error(infer(checkpoint, folder, tmp_path / "a", "num_workers=1"), str(folder / "broken.jpg"), "cannot be decoded")
+    result = infer(checkpoint, folder, tmp_path / "a", "num_workers=1", command=True)
+    assert_one_line_error(result, str(folder / "broken.jpg"), "cannot be decoded")
     result = infer(checkpoint, folder, tmp_path / "b", "skip_unreadable=true")
     assert_ok(result)
     assert "1 unreadable image(s) skipped" in result.stdout

@@ -130,7 +130,7 @@ class VisualizeConfig:
     encoder_layer: int = -1
     top_k: int = 4
     queries: Optional[List[int]] = None
-    points: Optional[List[List[float]]] = None
+    points: Optional[List[Any]] = None  # [[x, y], ...]; checked by tools/visualize.py
     colour_by: str = "level"
     model: Any = MISSING
     criterion: Any = MISSING

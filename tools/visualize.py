@@ -105,10 +105,10 @@ def run(cfg: DictConfig):
     tile(panels, columns=2).save(os.path.join(run_dir, "decoder_overview.png"))
 
     encoder = pick_layer(records, "encoder", cfg.encoder_layer, "encoder_layer")
-    points: List[Tuple[float, float]] = [tuple(p) for p in cfg.points] if cfg.points is not None else [
+    points: List[Tuple[float, float]] = [tuple(p) if hasattr(p, "__len__") else (p,) for p in cfg.points] if cfg.points is not None else [
         (float(boxes[q, 0] + boxes[q, 2]) / 2, float(boxes[q, 1] + boxes[q, 3]) / 2) for q in queries]
-    if any(len(p) != 2 for p in points):
-        raise ConfigError(f"points={cfg.points} must be a list of [x, y] pairs")
+    if any(len(p) != 2 or not all(isinstance(v, (int, float)) for v in p) for p in points):
+        raise ConfigError(f"points={cfg.points} must be a list of [x, y] pixel pairs, e.g. points=[[120,80],[40,60]]")
     panels = []
     for index, (x, y) in enumerate(points):
         x, y = min(max(float(x), 0.0), width - 1.0), min(max(float(y), 0.0), height - 1.0)
