@@ -153,3 +153,47 @@ def test_draw_detections(size):
     changed = (drawn != plain).any(0)
     # the box outlines are drawn, the image far from any box is untouched
     assert changed[height // 3 + 1 :, width // 3].any() and not changed[height - 2, 2]
+
+
+def test_every_category_with_restriction_off(checkpoint, images, tmp_path):
+    """``postprocess.restrict_to_dataset_categories=false`` selects over every logit, as the official code does."""
+    assert_ok(infer(checkpoint, images / "b_wide.png", tmp_path, "postprocess.restrict_to_dataset_categories=false"))
+    detections = json.loads((tmp_path / "predictions.json").read_text())[0]["detections"]
+    assert len(detections) == 100 and {d["category_id"] for d in detections} - CATEGORY_IDS
+
+
+def test_categories_come_from_the_checkpoint_else_the_recipe(tmp_path):
+    from omegaconf import OmegaConf
+
+    from checkpoint_model import checkpoint_categories
+    from deformable_detr.data.coco_categories import COCO_CATEGORIES
+
+    stored = [{"id": 1, "name": "cat"}, {"id": 4, "name": "dog"}]
+    synthetic = OmegaConf.create({"dataset": {"kind": "synthetic", "root": None}})
+    assert checkpoint_categories(synthetic, {"model": {}, "categories": stored}) == stored
+    assert checkpoint_categories(synthetic, {"model": {}}) == CATEGORIES
+    official = {"model": {"backbone.0.body.conv1.weight": torch.zeros(1)}}
+    assert checkpoint_categories(synthetic, official) == COCO_CATEGORIES and len(COCO_CATEGORIES) == 80
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({"categories": [{"id": 7, "name": "kite", "supercategory": "x"}]}))
+    own = OmegaConf.create({"dataset": {"kind": "coco", "root": None, "val_annotations": str(annotations)}})
+    assert checkpoint_categories(own, {"model": {}}) == [{"id": 7, "name": "kite"}]
+    assert checkpoint_categories(OmegaConf.create({"dataset": {"kind": "coco", "root": str(tmp_path)}}), {"model": {}}) is None
+
+
+@pytest.mark.parametrize("tool", ["infer", "visualize"])
+def test_configs_compose_for_every_experiment_and_reject_typos(tool):
+    from cli import compose_config
+    from config_checks import ConfigError, check_config
+    from config_schema import InferConfig, VisualizeConfig
+    from deformable_detr.models.weights import OFFICIAL_EXPERIMENTS
+
+    schema = InferConfig if tool == "infer" else VisualizeConfig
+    for experiment in list(OFFICIAL_EXPERIMENTS) + ["small"]:
+        cfg = compose_config(tool, [f"experiment={experiment}", "checkpoint=x.pth", "input=x.png"])
+        assert cfg.name == experiment and cfg.postprocess.restrict_to_dataset_categories is True
+        if experiment in OFFICIAL_EXPERIMENTS:  # the official preprocessing
+            assert cfg.dataset.eval_transforms.size == 800 and cfg.dataset.eval_transforms.max_size == 1333
+    cfg = compose_config(tool, ["checkpoint=x.pth", "input=x.png", "+postprocess.num_selekt=3"])
+    with pytest.raises(ConfigError, match="postprocess.num_selekt is not a parameter"):
+        check_config(cfg, schema)
