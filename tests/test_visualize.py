@@ -149,3 +149,13 @@ def test_visualize_chosen_queries_points_and_layer(case, tmp_path):
     check_outputs(tmp_path, [0, 7], points=3)
     result = run_tool_in_process("visualize", *arguments, "layer=5")
     assert result.returncode == 2 and "layer=5 is out of range" in result.stderr
+
+
+def test_sampling_snapshot_for_tensorboard():
+    from deformable_detr.visualization import sampling_snapshot
+
+    model = tiny_model().eval()
+    images, masks = batch()
+    picture = sampling_snapshot(model, images[1], masks[1], names={3: "square"})
+    assert picture.dtype == torch.uint8 and picture.shape == (3, 48, 56)  # the unpadded image
+    assert all(m.recording is None for m in attention_modules(model))
