@@ -109,7 +109,7 @@ def test_statistics_and_picture():
     assert stats["attention_weights"]["entropy"] <= torch.log(torch.tensor(4.0 * 2)).item() + 1e-6
     assert 0 <= stats["outside_share"] <= stats["outside_valid_share"] <= 1
     picture = draw_sampling(torch.rand(3, 64, 96), records[-1], query=0, box_xyxy=[10, 10, 50, 40], label=3, title="decoder.layers.1 query 0")
-    assert picture.dtype == torch.uint8 and picture.shape == (3, 64, 96)
+    assert picture.dtype == torch.uint8 and picture.shape[0] == 3 and picture.shape[1] > 64 and picture.shape[2] == 96
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +119,10 @@ def case(tmp_path_factory):
 
 
 def check_outputs(run, queries, points):
-    for query in queries:
-        assert PIL.Image.open(run / f"decoder_query{query}.png").size == (120, 90)
-    for index in range(points):
-        assert PIL.Image.open(run / f"encoder_point{index}.png").size == (120, 90)
+    pictures = [f"decoder_query{query}.png" for query in queries] + [f"encoder_point{index}.png" for index in range(points)]
+    for name in pictures:
+        width, height = PIL.Image.open(run / name).size
+        assert width == 120 and height > 90  # the image below a band with the title and legend
     assert (run / "decoder_overview.png").is_file() and (run / "encoder_overview.png").is_file()
     stats = json.loads((run / "sampling_stats.json").read_text())
     assert {"image", "width", "height", "layers"} <= set(stats) and (stats["width"], stats["height"]) == (120, 90)
@@ -157,5 +157,5 @@ def test_sampling_snapshot_for_tensorboard():
     model = tiny_model().eval()
     images, masks = batch()
     picture = sampling_snapshot(model, images[1], masks[1], names={3: "square"})
-    assert picture.dtype == torch.uint8 and picture.shape == (3, 48, 56)  # the unpadded image
+    assert picture.dtype == torch.uint8 and picture.shape[0] == 3 and picture.shape[1] > 48 and picture.shape[2] == 56  # the unpadded image
     assert all(m.recording is None for m in attention_modules(model))

@@ -2,14 +2,14 @@
 
 Legend: M heads, L levels, P points per head and level. Records come from ``models.record_sampling``.
 """
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import PIL.Image
 import PIL.ImageDraw
 import torch
 
 from ..models.sampling_recorder import SamplingRecord
-from .canvas import category_colour, draw_label, font_size, head_colour, level_colour, line_width, to_pil, to_tensor
+from .canvas import category_colour, font, font_size, head_colour, level_colour, line_width, text_colour, to_pil, to_tensor
 
 
 def sampling_points(record: SamplingRecord, query: int, width: int, height: int, batch_index: int = 0) -> Dict[str, torch.Tensor]:
@@ -57,6 +57,49 @@ def _cross(draw: PIL.ImageDraw.ImageDraw, centre: Sequence[float], arm: float, w
         draw.line([(x - arm, y + arm), (x + arm, y - arm)], fill=colour, width=stroke)
 
 
+def _wrap(draw: PIL.ImageDraw.ImageDraw, text: str, typeface, width: float) -> List[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels wide (a longer word keeps its own line)."""
+    lines: List[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=typeface) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def with_header(picture: PIL.Image.Image, title: Optional[str], entries, size: int) -> PIL.Image.Image:
+    """``picture`` below a dark band holding ``title`` and the legend ``entries`` [(text, colour)], wrapped to its
+    width: nothing of the image is hidden, even on a 160 px picture."""
+    typeface = font(size)
+    probe = PIL.ImageDraw.Draw(picture)
+    pad = max(2, size // 4)
+    line = size + 2 * pad
+    title_lines = _wrap(probe, title, typeface, picture.width - 2 * pad) if title else []
+    rows, x = [[]], pad
+    for text, colour in entries:
+        width = probe.textlength(text, font=typeface) + 2 * pad
+        if rows[-1] and x + width > picture.width:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, text, colour))
+        x += width + pad
+    height = (len(rows) + len(title_lines)) * line + pad
+    framed = PIL.Image.new("RGB", (picture.width, picture.height + height), (24, 24, 24))
+    framed.paste(picture, (0, height))
+    draw = PIL.ImageDraw.Draw(framed)
+    y = pad
+    for text in title_lines:
+        draw.text((pad, y), text, fill=(255, 255, 255), font=typeface)
+        y += line
+    for row in rows:
+        for x, text, colour in row:
+            draw.rectangle([x, y, x + probe.textlength(text, font=typeface) + 2 * pad, y + size + pad], fill=colour)
+            draw.text((x + pad, y), text, fill=text_colour(colour), font=typeface)
+        y += line
+    return framed
+
+
 def render_sampling(
     image: PIL.Image.Image,
     record: SamplingRecord,
@@ -67,7 +110,8 @@ def render_sampling(
     label: Optional[int] = None,
     title: Optional[str] = None,
 ) -> PIL.Image.Image:
-    """A copy of ``image`` (the valid image area, any size) with query ``query``'s sampling points.
+    """``image`` (the valid image area, any size) with query ``query``'s sampling points, below a header band
+    with ``title`` and the legend (so the picture is taller than ``image`` by that band).
 
     Each point is a disc coloured by level (``colour_by="level"``) or head (``"head"``), its radius and
     opacity growing with its attention weight (relative to the query's largest); the reference point is a
@@ -93,14 +137,14 @@ def render_sampling(
     heads, levels, points = sample["weights"].shape
     weights = sample["weights"]
     relative = weights / weights.max().clamp_min(1e-12)
-    radius = max(2.0, max(picture.size) / 160)
+    radius = max(2.5, max(picture.size) / 160)
     # faint points first, so the strong ones stay on top
     for flat in torch.argsort(relative.flatten()).tolist():
         head, rest = divmod(flat, levels * points)
         level, point = divmod(rest, points)
         strength = float(relative[head, level, point])
         x, y = sample["points"][head, level, point].tolist()
-        r = radius * (0.5 + 1.5 * strength**0.5)
+        r = radius * (0.6 + 1.4 * strength**0.5)
         colour = level_colour(level) if colour_by == "level" else head_colour(head, heads)
         alpha = int(70 + 185 * strength)
         dots.ellipse([x - r, y - r, x + r, y + r], fill=(*colour, alpha), outline=(0, 0, 0, alpha))
@@ -108,18 +152,12 @@ def render_sampling(
     draw = PIL.ImageDraw.Draw(picture)
     _cross(draw, sample["reference"].tolist(), arm=radius * 2.5, width=stroke)
 
-    y = 0
-    if title:
-        draw_label(draw, picture.size, (0, 0), title, (32, 32, 32), text)
-        y = text * 1.4
-    legend = range(levels) if colour_by == "level" else range(heads)
     shapes = record.spatial_shapes.tolist()
-    for index in legend:
-        colour = level_colour(index) if colour_by == "level" else head_colour(index, heads)
-        name = f"level {index} ({shapes[index][1]}x{shapes[index][0]})" if colour_by == "level" else f"head {index}"
-        y += text * 1.4
-        draw_label(draw, picture.size, (0, y), name, colour, max(10, text - 2))
-    return picture
+    if colour_by == "level":
+        entries = [(f"level {i} ({shapes[i][1]}x{shapes[i][0]})", level_colour(i)) for i in range(levels)]
+    else:
+        entries = [(f"head {i}", head_colour(i, heads)) for i in range(heads)]
+    return with_header(picture, title, entries, text)
 
 
 def draw_sampling(
@@ -132,6 +170,6 @@ def draw_sampling(
     label: Optional[int] = None,
     title: Optional[str] = None,
 ) -> torch.Tensor:
-    """``render_sampling`` on a (3, h, w) float image in [0, 1] of the valid (unpadded) area; returns (3, h, w) uint8."""
+    """``render_sampling`` on a (3, h, w) float image in [0, 1] of the valid (unpadded) area; returns (3, h + band, w) uint8."""
     return to_tensor(render_sampling(to_pil(image_chw_float01), record, query, batch_index, colour_by, box_xyxy, label, title))
 
