@@ -109,7 +109,7 @@ def run(cfg: DictConfig):
     write_json_atomic(os.path.join(run_dir, "predictions.json"), predictions)
     skipped = dataset.skipped.value
     count = sum(len(p["detections"]) for p in predictions)
-    logger.info("%d picture(s), %d detection(s) above %.2f%s; wrote %s", len(predictions), count, cfg.score_threshold,
+    logger.info("%d picture(s), %d detection(s) above %g%s; wrote %s", len(predictions), count, cfg.score_threshold,
                 f", {skipped} unreadable image(s) skipped" if skipped else "", os.path.join(run_dir, "predictions.json"))
     return predictions
 
