@@ -99,7 +99,7 @@ def test_boxes_are_in_original_pixels(checkpoint, images, tmp_path):
 
 
 def test_glob_and_single_file(checkpoint, images, tmp_path):
-    assert_ok(infer(checkpoint, images / "*.jpg", tmp_path / "glob", "picture_format=jpg"))
+    assert_ok(infer(checkpoint, images / "*.jpg", tmp_path / "glob", "picture_format=jpg", "amp=bf16"))
     predictions = json.loads((tmp_path / "glob" / "predictions.json").read_text())
     assert [p["file_name"] for p in predictions] == ["a_small.jpg", "c_rotated.jpg"]
     assert sorted(f for f in os.listdir(tmp_path / "glob") if f.endswith(".jpg")) == ["a_small.jpg", "c_rotated.jpg"]
@@ -110,11 +110,15 @@ def test_glob_and_single_file(checkpoint, images, tmp_path):
     assert (tmp_path / "single" / "b_wide.png").is_file()
 
 
-def test_empty_folder_and_unmatched_glob_are_one_line_errors(checkpoint, tmp_path):
+def test_empty_folder_unmatched_glob_and_bad_checkpoint_are_one_line_errors(checkpoint, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(infer(checkpoint, empty, tmp_path / "a"), f"input={empty}", "without images")
     assert_one_line_error(infer(checkpoint, tmp_path / "*.png", tmp_path / "b"), "matches no image")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    make_image(tmp_path / "one.png", 32, 32)
+    assert_one_line_error(infer(text, tmp_path / "one.png", tmp_path / "c"), f"checkpoint={text}", "not a readable PyTorch checkpoint")
 
 
 def test_unreadable_file_is_an_error_or_skipped(checkpoint, images, tmp_path):
