@@ -88,19 +88,21 @@ def run(cfg: DictConfig):
     progress = ProgressBar(len(paths), prefix="[infer]", logger=logger)
     try:
         for images, masks, targets in loader:
-            if len(targets):
-                outputs = predictor(images, masks)
-                results = predictor.postprocess(outputs, torch.stack([t["orig_size"] for t in targets]).to(predictor.device))
-            for target, result in zip(targets, results if len(targets) else []):
+            if not targets:  # every image of the batch was skipped as unreadable
+                progress.update(cfg.batch_size)
+                continue
+            outputs = predictor(images, masks)
+            results = predictor.postprocess(outputs, torch.stack([t["orig_size"] for t in targets]).to(predictor.device))
+            for target, result in zip(targets, results):
                 index = int(target["index"])
                 result = {k: v.cpu() for k, v in result.items()}
-                detections = detections_of(result, names, cfg.score_threshold)
                 height, width = target["orig_size"].tolist()
                 keep = result["scores"] > cfg.score_threshold
+                # drawn on the decoded original (the loader hands over only the resized, normalized tensor)
                 picture = render_detections(read_image(paths[index]), result["boxes"][keep], result["labels"][keep], result["scores"][keep], names)
                 picture.save(os.path.join(run_dir, pictures[index]), quality=92)
                 predictions.append({"file_name": os.path.basename(paths[index]), "path": paths[index], "width": width, "height": height,
-                                    "picture": pictures[index], "detections": detections})
+                                    "picture": pictures[index], "detections": detections_of(result, names, cfg.score_threshold)})
             progress.update(cfg.batch_size)
     except UnreadableImageFileError as error:
         raise UnreadableImageFileError(one_line(error)) from None
