@@ -22,3 +22,51 @@ def run_tool(tool, *overrides, timeout=600, env=None, launcher=None):
     command = list(launcher or [sys.executable]) + [os.path.join(TOOLS, f"{tool}.py"), f"hydra.searchpath=[file://{TEST_CONFIGS}]", *overrides]
     environment = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+class ToolResult:
+    """What ``run_tool_in_process`` saw: ``returncode``, ``stdout``, ``stderr`` (as subprocess.CompletedProcess)."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_tool_in_process(tool, *overrides):
+    """Run tools/<tool>.py's ``main`` in this process (seconds instead of a fresh interpreter's start-up):
+    the same config composition, run directory and error reporting as on the command line."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    module = importlib.import_module(tool)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    handlers = list(logging.getLogger().handlers)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+            cfg = compose(config_name=tool, overrides=[f"hydra.searchpath=[file://{TEST_CONFIGS}]", *overrides], return_hydra_config=True)
+            with open_dict(cfg):
+                cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
+            HydraConfig.instance().set_config(cfg)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                try:
+                    module.main.__wrapped__(cfg)
+                except SystemExit as exit:
+                    code = exit.code
+    finally:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+    return ToolResult(code, stdout.getvalue(), stderr.getvalue())

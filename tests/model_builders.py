@@ -19,3 +19,14 @@ def tiny_model(levels=4, refine=False, two_stage=False, num_classes=10, queries=
         num_feature_levels=levels, dec_n_points=2, enc_n_points=2, two_stage=two_stage, two_stage_num_proposals=queries,
     )
     return DeformableDETR(backbone, PositionEmbeddingSine(hidden // 2), transformer, num_classes, queries, True, refine, two_stage)
+
+
+def instantiate_checkpoint_model(path):
+    """The model of a checkpoint of this framework (its saved ``config``), weights loaded, in eval mode; and that config."""
+    import torch
+
+    checkpoint = torch.load(path, weights_only=True)
+    config = checkpoint["config"]
+    model = instantiate(config["model"], num_classes=checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config

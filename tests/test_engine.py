@@ -174,3 +174,25 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags():
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags on this system")
     assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+
+
+def test_progress_reports_the_whole_runs_remaining_time_and_draws_a_bar(caplog, capsys):
+    import logging
+
+    from deformable_detr.engine.progress import TrainingProgress
+    from deformable_detr.engine.train_step import StepResult
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    progress = TrainingProgress(total_steps=20, steps_per_epoch=4, log_every=2, bar=True)
+    progress.evaluation_seconds, progress.remaining_evaluations = 100.0, 3
+    progress.start_epoch(epoch=1, epoch_step=0)
+    with caplog.at_level(logging.INFO, logger="deformable_detr.engine.progress"):
+        for step in range(1, 5):
+            progress.meter._last -= 1.0  # each step "took" a second more
+            progress.update(StepResult({"loss": torch.tensor(2.0)}, images=2), step=4 + step, epoch_step=step, optimizer=optimizer)
+    averages = progress.end_epoch()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("[epoch 1] 2/4 eta 0:00:02 (run 0:05:")
+    # 14 steps of the run left at about a second each, plus 3 evaluations of 100 s
+    assert lines[1].startswith("[epoch 1] 4/4 eta 0:00:00 (run 0:05:1")
+    assert averages["loss"] == 2.0 and "epoch 1: 100%" in capsys.readouterr().err

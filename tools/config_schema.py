@@ -81,10 +81,57 @@ class EvalConfig:
     trainer: TrainerNode = field(default_factory=TrainerNode)
 
 
+@dataclass
+class InferConfig:
+    checkpoint: str = MISSING
+    input: str = MISSING
+    name: str = "deformable_detr"
+    seed: int = 42
+    device: str = "auto"
+    amp: Optional[str] = None
+    batch_size: int = 2
+    num_workers: int = 2
+    score_threshold: float = 0.3
+    skip_unreadable: bool = False
+    picture_format: str = "png"
+    model: Any = MISSING
+    criterion: Any = MISSING
+    postprocess: Any = MISSING
+    dataset: DatasetNode = field(default_factory=DatasetNode)
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: TrainerNode = field(default_factory=TrainerNode)
+
+
+@dataclass
+class VisualizeConfig:
+    checkpoint: str = MISSING
+    input: str = MISSING
+    name: str = "deformable_detr"
+    seed: int = 42
+    device: str = "auto"
+    amp: Optional[str] = None
+    layer: int = -1
+    encoder_layer: int = -1
+    top_k: int = 4
+    queries: Optional[List[int]] = None
+    points: Optional[List[Any]] = None  # [[x, y], ...]; checked by tools/visualize.py
+    colour_by: str = "level"
+    model: Any = MISSING
+    criterion: Any = MISSING
+    postprocess: Any = MISSING
+    dataset: DatasetNode = field(default_factory=DatasetNode)
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: TrainerNode = field(default_factory=TrainerNode)
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="infer_schema", node=InferConfig)
+    store.store(name="visualize_schema", node=VisualizeConfig)
 
 
 register()

@@ -11,18 +11,16 @@ This framework's checkpoints carry their config: without model or dataset overri
 ``experiment=``, the experiment is read from them. Writes ``predictions.json`` (COCO results) and
 ``metrics.json`` (the 12 COCO stats) to hydra.run.dir and prints AP per category.
 """
-import argparse
 import os
 import sys
 
 import hydra
-from hydra import compose
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from config_schema import EvalConfig  # importing registers the schemas
 import runtime
+from checkpoint_model import config_for_checkpoint
 from config_checks import check_config
 
 from deformable_detr.errors import ConfigError
@@ -33,7 +31,6 @@ from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.precision import AMP_DTYPES
 from deformable_detr.evaluation.coco_evaluator import write_json_atomic
 from deformable_detr.models.weights import (
-    OFFICIAL_EXPERIMENTS,
     Recipe,
     convert_official_state_dict,
     is_official,
@@ -44,44 +41,6 @@ from deformable_detr.models.weights import (
 from deformable_detr.utils import distributed
 
 logger = runtime.logger
-
-
-def user_overrides():
-    return list(HydraConfig.get().overrides.task)
-
-
-def overrode(overrides, *names) -> bool:
-    """Whether the command line set any of ``names`` (a group or a key prefix)."""
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-    return any(k == n or k.startswith(n + ".") or k.startswith(n + "@") for k in keys for n in names)
-
-
-def config_for_checkpoint(cfg: DictConfig, checkpoint) -> DictConfig:
-    """Fill in what the checkpoint knows and the command line did not say."""
-    overrides = user_overrides()
-    if is_official(checkpoint):
-        if overrode(overrides, "experiment", "model"):
-            return cfg
-        args = checkpoint.get("args")
-        hints = vars(args) if isinstance(args, argparse.Namespace) else {}
-        state = convert_official_state_dict(checkpoint["model"])
-        name = recipe_of_state_dict(state, hints).name()
-        if name not in OFFICIAL_EXPERIMENTS:
-            raise ConfigError(f"checkpoint={cfg.checkpoint} is an official file of no official experiment ({name}); set experiment= or model.*")
-        logger.info("checkpoint is an official %s file: using experiment=%s", name, name)
-        return compose(config_name="eval", overrides=overrides + [f"experiment={name}"])
-    saved = checkpoint.get("config")
-    if not isinstance(saved, dict):
-        return cfg
-    keep_dataset = overrode(overrides, "dataset", "experiment")
-    keep_model = overrode(overrides, "model", "experiment")
-    with open_dict(cfg):
-        if not keep_model and "model" in saved:
-            cfg.model = OmegaConf.create(saved["model"])
-            cfg.name = saved.get("name", cfg.name)
-        if not keep_dataset and "dataset" in saved:
-            cfg.dataset = OmegaConf.merge(cfg.dataset, saved["dataset"])
-    return cfg
 
 
 def run(cfg: DictConfig):

@@ -238,3 +238,8 @@ def build(node: DictConfig, **kwargs):
         if cause is not None:
             raise cause from None
         raise
+
+
+def single_device(name: str) -> torch.device:
+    """``device=`` for a one-process tool (infer, visualize): auto, cpu, cuda or cuda:N, checked to exist."""
+    return torch.device(resolve_device(name))

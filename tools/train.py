@@ -93,7 +93,8 @@ def train(cfg: DictConfig):
 
     trainer = Trainer(
         parts, TrainingData(train_loader, val_loader, val_set.coco), settings, run_dir, device, writer=writer, seed=cfg.seed,
-        extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes},
+        extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes,
+                     "categories": [{"id": int(c["id"]), "name": c["name"]} for c in train_set.coco.loadCats(train_set.coco.getCatIds())]},
     )
     resume = None
     if cfg.resume == "auto":

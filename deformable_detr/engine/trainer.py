@@ -16,6 +16,8 @@ from ..errors import CheckpointError, ConfigError
 from ..evaluation.coco_evaluator import write_json_atomic
 from ..models.weights import Recipe, recipe_of_model
 from ..utils import distributed
+from ..utils.box_ops import box_cxcywh_to_xyxy
+from ..visualization import denormalize, draw_detections, sampling_snapshot
 from .checkpoint import CheckpointKeeper
 from .evaluate_loop import evaluate
 from .progress import TrainingProgress
@@ -413,17 +415,21 @@ class Trainer:
         return self.last_evaluation.stats if self.last_evaluation is not None else None
 
     def _draw(self, index, image, mask, target, result):
-        """The unpadded image with its boxes above ``score_threshold``, labelled by category."""
-        h, w = (~mask).sum(0).max().item(), (~mask).sum(1).max().item()
-        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-        picture = (image[:, :h, :w] * std + mean).clamp(0, 1)
-        keep = result["scores"] > self.settings.score_threshold
+        """The unpadded image with the ground truth and the predictions above ``score_threshold``,
+        labelled by category; for the first image also the sampling points of its best query."""
+        picture = denormalize(image, mask)  # (3, h, w) in [0, 1]
+        h, w = picture.shape[-2:]
         orig_h, orig_w = target["orig_size"].tolist()
+        keep = result["scores"] > self.settings.score_threshold
         boxes = result["boxes"][keep] * torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
+        truth = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h])  # targets: cxcywh fractions
         names = {c["id"]: c["name"] for c in self.val_coco.loadCats(self.val_coco.getCatIds())}
-        labels = [f"{names.get(int(c), int(c))} {s:.2f}" for c, s in zip(result["labels"][keep], result["scores"][keep])]
-        self.writer.add_image_with_boxes(f"val/predictions_{index}", picture, boxes, self.step, labels=labels)
+        drawn = draw_detections(picture, boxes, result["labels"][keep], result["scores"][keep], names,
+                                gt_boxes=truth, gt_labels=target["labels"])
+        self.writer.add_image(f"val/predictions_{index}", drawn, self.step)
+        if index == 0:
+            model = self.ema.module if self.ema is not None else self.model
+            self.writer.add_image("val/sampling_points_0", sampling_snapshot(model, image, mask, names=names), self.step)
 
     def _describe_images(self, image_ids: List[int]) -> str:
         coco = getattr(self.train_loader.dataset, "coco", None)

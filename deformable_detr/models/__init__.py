@@ -8,6 +8,7 @@ from .detector import MLP, DeformableDETR
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .postprocess import PostProcess
+from .sampling_recorder import SamplingRecord, record_sampling
 
 __all__ = [
     "Backbone",
@@ -19,7 +20,9 @@ __all__ = [
     "PositionEmbeddingLearned",
     "PositionEmbeddingSine",
     "PostProcess",
+    "SamplingRecord",
     "SetCriterion",
     "loss_weights",
+    "record_sampling",
     "sigmoid_focal_loss",
 ]

@@ -12,6 +12,8 @@ from torch import nn
 
 from deformable_detr_ops import ms_deform_attn
 
+from .sampling_recorder import SamplingRecord
+
 
 class MSDeformAttn(nn.Module):
     """Each query attends to P points per head and level around its reference point.
@@ -38,6 +40,9 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        # set by ``record_sampling``: a list that receives each call's SamplingRecord (None: off, free)
+        self.recording: Optional[list] = None
+        self.recording_name = ""
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -101,5 +106,12 @@ class MSDeformAttn(nn.Module):
             )
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {tuple(reference_points.shape)}")
+        if self.recording is not None:
+            self.recording.append(
+                SamplingRecord(
+                    self.recording_name, locations.detach(), weights.detach(), spatial_shapes, level_start_index,
+                    reference_points.detach(), None if padding_mask is None else padding_mask.detach(),
+                )
+            )
         output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)
