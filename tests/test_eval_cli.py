@@ -68,6 +68,14 @@ def test_a_batch_of_only_unreadable_images_is_skipped_and_counted(tiny_set, tmp_
             target.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
         else:
             os.symlink(tiny_set / "val2017" / target.name, target)
+    result = evaluate(broken, tmp_path / "failing")
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: dataset.root: image {broken / 'val2017' / '001.png'} (id 1) cannot be decoded (cannot identify image file "
+        f"'{broken / 'val2017' / '001.png'}'); replace the file, or enable skipping of unreadable images (dataset.skip_unreadable=true)"
+    ]
+
     run = tmp_path / "run"
     result = evaluate(broken, run, "dataset.skip_unreadable=true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 Item = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 
-class UnreadableImageError(OSError):
-    """An image file that exists but cannot be decoded; the message names the file."""
+class UnreadableImageError(DataError, OSError):
+    """An image file that exists but cannot be decoded; the message names the file. A user's
+    mistake (tools print it as one line); still an OSError for callers that catch those."""
 
 
 class ImageSizeMismatchError(DataError):
