@@ -86,6 +86,7 @@ def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations,
 
 
 def value_tokens_message(value_tokens, level_tokens) -> str:
+    """The message of a value whose S is not sum_l H_l * W_l (the C++ check words it the same)."""
     return (
         f"ms_deform_attn: value has S = {value_tokens} tokens (dim 1) but spatial_shapes covers "
         f"sum_l H_l * W_l = {level_tokens}; value must hold exactly the flattened levels of spatial_shapes"
@@ -109,10 +110,14 @@ def check_value_tokens(value, level_tokens: int) -> None:
 
 def _is_concrete(tensor) -> bool:
     """Whether ``tensor``'s values can be read: a plain tensor in eager mode, not a fake,
-    functional or meta tensor of a trace (there the compiled kernel checks at run time)."""
+    functional or meta tensor of a trace (there the compiled kernel checks at run time),
+    nor a GPU tensor during CUDA graph capture."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    return type(tensor) is torch.Tensor and tensor.device.type != "meta"
+    if type(tensor) is not torch.Tensor or tensor.device.type == "meta":
+        return False
+    # reading a GPU tensor while a CUDA graph is being captured is an error
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 # (weak reference to a GPU spatial_shapes tensor, its version counter, its token count).
