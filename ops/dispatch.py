@@ -62,12 +62,15 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         level_start_index: (L,) int64, first token of each level in S.
         sampling_locations: (N, Lq, M, L, P, 2) in [0, 1], normalized (x, y) with pixel centres
             at (i + 0.5) / W_l; samples outside the level read zeros (bilinear, zero padding).
+            A sample with a NaN or infinite coordinate contributes zero to the output and gets
+            zero gradients (its location and its attention weight), in every implementation.
         attention_weights: (N, Lq, M, L, P).
         implementation: "auto" (the compiled kernel when built for the device and dtype,
             else the reference), "kernel" (the compiled kernel or RuntimeError) or "reference".
 
     Returns:
         (N, Lq, M * D), differentiable w.r.t. value, sampling_locations and attention_weights.
+        With no levels (L = 0, so S = 0) it is zeros, and backward gives zero gradients.
 
     Compiled kernels: CPU float32/float64, CUDA float16/bfloat16/float32/float64 (half types
     accumulate in float32). Mixed floating dtypes are promoted (float16 value with float32
@@ -75,7 +78,12 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     torch.library custom op that ``torch.compile(fullgraph=True)`` and ``torch.export`` trace.
 
     Raises:
-        ValueError: an argument has the wrong shape, dtype or device.
+        ValueError: an argument has the wrong shape, dtype or device, or value's S differs from
+            sum_l H_l * W_l of spatial_shapes. That last check reads spatial_shapes: free on the
+            CPU; for a GPU tensor one wait per tensor (the last one read is remembered, so a
+            model passing one tensor to every layer waits once per forward). In a compiled
+            graph the CPU kernel and the reference check at run time; the CUDA kernel, which
+            cannot without waiting for the GPU, reads the tokens it covers and ignores the rest.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"ms_deform_attn: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")

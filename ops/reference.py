@@ -6,6 +6,8 @@ Lq queries, L levels, P sampling points per level and head.
 import torch
 import torch.nn.functional as F
 
+from .validation import check_value_tokens
+
 # On the CPU, half types are computed in float32: more accurate than
 # accumulating in half, and independent of grid_sample's CPU dtype support.
 _CPU_NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -17,6 +19,11 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     Differentiable through autograd; reads ``spatial_shapes`` on the host, so it
     synchronizes with the GPU and breaks ``torch.compile`` graphs.
 
+    A sample whose location has a NaN or infinite coordinate contributes nothing and gets
+    zero gradients (location and weight), as in the compiled kernels; grid_sample alone
+    would spread NaN through the output and every gradient. With no levels (L = 0) the
+    output is zeros that still depend on the inputs, so backward gives zero gradients.
+
     Args:
         value: (N, S, M, D)
         spatial_shapes: (L, 2) int64, (H_l, W_l) per level
@@ -25,6 +32,8 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
         attention_weights: (N, Lq, M, L, P)
     Returns:
         (N, Lq, M * D) in the dtype of value
+    Raises:
+        ValueError: S differs from sum_l H_l * W_l.
     """
     if value.device.type == "cpu" and value.dtype not in _CPU_NATIVE_DTYPES:
         output = ms_deform_attn_reference(
@@ -34,9 +43,16 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    check_value_tokens(value, sum(h * w for h, w in shapes))
     if not shapes:
-        return value.new_zeros(N, Lq, M * D)
+        # Sums of empty slices: zeros with a grad_fn (zero gradients), never NaN even for inf inputs.
+        anchor = sum(t.flatten()[:0].sum() for t in (value, sampling_locations, attention_weights))
+        return value.new_zeros(N, Lq, M * D) + anchor
     value_list = value.split([h * w for h, w in shapes], dim=1)
+    # A non-finite (x, y) would make grid_sample return NaN (and NaN gradients): move such samples
+    # far outside every level instead, where they read zeros; torch.where passes them no gradient.
+    finite = torch.isfinite(sampling_locations).all(-1, keepdim=True)
+    sampling_locations = torch.where(finite, sampling_locations, -2.0)
     # grid_sample wants coordinates in [-1, 1]
     sampling_grids = 2 * sampling_locations - 1
     sampled = []

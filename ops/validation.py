@@ -1,9 +1,12 @@
-"""Argument checks of ``ms_deform_attn``: shapes, dtypes and devices only, so no
-host-device synchronization and nothing that breaks a ``torch.compile`` graph.
+"""Argument checks of ``ms_deform_attn``: shapes, dtypes and devices, plus the one check that
+needs the values of ``spatial_shapes`` (value holds sum_l H_l * W_l tokens), made only where
+those values are concrete, so nothing here breaks a ``torch.compile`` or ``torch.export`` graph.
 
 Legend: N batch, S value tokens, M heads, D channels per head, Lq queries,
 L levels, P sampling points per level and head.
 """
+import weakref
+
 import torch
 
 _NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
@@ -65,6 +68,9 @@ def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations,
         if tensor.device != value.device:
             raise ValueError(f"ms_deform_attn: {name} must be on value's device {value.device}, got {tensor.device}")
 
+    if _is_concrete(spatial_shapes) and isinstance(value.shape[1], int):
+        check_value_tokens(value, _token_count(spatial_shapes))
+
     dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
     value, sampling_locations, attention_weights = (
         tensor if tensor.dtype == dtype else tensor.to(dtype)
@@ -77,3 +83,61 @@ def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations,
         for tensor in (spatial_shapes, level_start_index)
     )
     return value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+
+
+def value_tokens_message(value_tokens, level_tokens) -> str:
+    """The message of a value whose S is not sum_l H_l * W_l (the C++ check words it the same)."""
+    return (
+        f"ms_deform_attn: value has S = {value_tokens} tokens (dim 1) but spatial_shapes covers "
+        f"sum_l H_l * W_l = {level_tokens}; value must hold exactly the flattened levels of spatial_shapes"
+    )
+
+
+def check_value_tokens(value, level_tokens: int) -> None:
+    """Raises ValueError unless value (N, S, M, D) has S = ``level_tokens`` = sum_l H_l * W_l.
+
+    A longer value would be computed silently (its extra tokens never read), a shorter one
+    would fail deep inside an implementation; both are a caller's mistake. A symbolic S
+    (a dynamic-shape trace) becomes a runtime assertion of the graph instead of a guard.
+    """
+    tokens = value.shape[1]
+    if isinstance(tokens, int):
+        if tokens != level_tokens:
+            raise ValueError(value_tokens_message(tokens, level_tokens))
+    else:
+        torch._check_value(tokens == level_tokens, lambda: value_tokens_message(tokens, level_tokens))
+
+
+def _is_concrete(tensor) -> bool:
+    """Whether ``tensor``'s values can be read: a plain tensor in eager mode, not a fake,
+    functional or meta tensor of a trace (there the compiled kernel checks at run time),
+    nor a GPU tensor during CUDA graph capture."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if type(tensor) is not torch.Tensor or tensor.device.type == "meta":
+        return False
+    # reading a GPU tensor while a CUDA graph is being captured is an error
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+# (weak reference to a GPU spatial_shapes tensor, its version counter, its token count).
+_last_read = None
+
+
+def _token_count(spatial_shapes) -> int:
+    """sum_l H_l * W_l of (L, 2) ``spatial_shapes``, read on the host.
+
+    Reading a GPU tensor waits for the GPU; a model passes the same tensor to every layer,
+    so the count of the last one read is kept (while that tensor lives and is unmodified)
+    and a forward pass waits once rather than once per layer.
+    """
+    global _last_read
+    gpu = spatial_shapes.device.type != "cpu"
+    if gpu:
+        last = _last_read
+        if last is not None and last[0]() is spatial_shapes and last[1] == spatial_shapes._version:
+            return last[2]
+    count = sum(int(height) * int(width) for height, width in spatial_shapes.tolist())
+    if gpu:
+        _last_read = (weakref.ref(spatial_shapes), spatial_shapes._version, count)
+    return count

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deformable_detr.data.coco import CocoDetection, UnreadableImageError, build_coco_dataset
+from deformable_detr.errors import DataError
 from deformable_detr.data.coco_annotations import AnnotationFormatError
 from deformable_detr.data.collate import collate
 from deformable_detr.data.transforms import Compose, Normalize, ToTensor, make_train_transforms
@@ -215,6 +216,52 @@ def test_skip_counter_sees_worker_processes(tmp_path, context):
     batches = list(loader)
     assert sum(len(targets) for _, _, targets in batches) == 2
     assert dataset.skipped.value == 1
+
+
+def _sideways_photo(path):
+    """A JPEG stored 96 wide x 64 high with EXIF "rotate 90 clockwise" (orientation 6), as phones
+    write them: displayed 64 wide x 96 high. A red patch at the stored top-left shows top-right."""
+    pixels = np.zeros((64, 96, 3), dtype=np.uint8)
+    pixels[:16, :16] = (255, 0, 0)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    images = [{"id": 1, "file_name": "photo.jpg", "width": 64, "height": 96}]
+    annotations = [_annotation(1, 1, 1, [48, 0, 16, 16])]  # the red patch, as a labelling tool shows it
+    image_dir, _ = _write_layout(str(tmp_path), images=images, annotations=annotations)
+    _sideways_photo(os.path.join(image_dir, "photo.jpg"))
+    image, target = build_coco_dataset(str(tmp_path), "val", ToTensor())[0]
+    assert image.shape == (3, 96, 64)
+    assert target["orig_size"].tolist() == [96, 64]
+    x0, y0, x1, y1 = target["boxes"][0].round().int().tolist()  # xyxy pixels of the displayed image
+    red = image[0, y0 + 2:y1 - 2, x0 + 2:x1 - 2]
+    assert red.min() > 0.8 and image[1:, y0 + 2:y1 - 2, x0 + 2:x1 - 2].max() < 0.2
+
+
+def test_image_of_another_size_than_its_annotation_raises_naming_both(tmp_path):
+    images = [{"id": 1, "file_name": "001.png", "width": 40, "height": 30}]
+    image_dir, _ = _write_layout(str(tmp_path), images=images, annotations=[])
+    PIL.Image.new("RGB", (30, 40)).save(os.path.join(image_dir, "001.png"))  # the annotation's size, transposed
+    dataset = build_coco_dataset(str(tmp_path), "val", PLAIN, context="dataset.root")
+    message = r"dataset.root: image .*001\.png \(id 1\) is 30x40 .* but .*instances_val2017\.json says 40x30"
+    with pytest.raises(DataError, match=message):
+        dataset[0]
+
+
+def test_image_of_another_size_is_skipped_and_counted(tmp_path):
+    image_dir, _ = _write_layout(str(tmp_path))
+    PIL.Image.new("RGB", (41, 30)).save(os.path.join(image_dir, "002.png"))
+    dataset = build_coco_dataset(str(tmp_path), "val", PLAIN, skip_unreadable=True)
+    assert dataset[1] is None and dataset[0] is not None and dataset[2] is not None
+    assert dataset.skipped.value == 1
+
+
+def test_category_ids_are_those_of_the_file(tmp_path):
+    _write_layout(str(tmp_path), categories=[{"id": 42, "name": "x"}, {"id": 7, "name": "y"}, {"id": 1, "name": "z"}])
+    assert build_coco_dataset(str(tmp_path), "val", PLAIN).category_ids == [1, 7, 42]
 
 
 def _train_dataset(root):

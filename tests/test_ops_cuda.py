@@ -145,3 +145,29 @@ def test_compile_fullgraph_matches_eager():
     for a, b in zip(outputs_and_gradients(compiled, inputs, grad_output),
                     outputs_and_gradients(kernel, inputs, grad_output)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_value_of_another_length_than_the_levels_is_rejected():
+    value, shapes, starts, locations, weights = case_inputs("one-channel", torch.float32)  # S = 19
+    with pytest.raises(ValueError, match="value has S = 20 tokens"):
+        ms_deform_attn(torch.cat([value, value[:, :1]], dim=1), shapes, starts, locations, weights)
+    # the count of a GPU spatial_shapes is remembered, but not past an in-place change
+    ms_deform_attn(value, shapes, starts, locations, weights)
+    shapes[1, 0] = 1  # S would now be 17
+    with pytest.raises(ValueError, match=r"value has S = 19 tokens .* = 17"):
+        ms_deform_attn(value, shapes, starts, locations, weights)
+
+
+def test_non_finite_locations_read_zeros_with_zero_gradients():
+    value, shapes, starts, locations, weights = case_inputs("thirty-two-channels", torch.float64, seed=5)
+    locations.view(-1)[1::13] = float("nan")
+    locations.view(-1)[4::17] = float("inf")
+    results = []
+    for implementation in ("kernel", "reference"):
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        output = ms_deform_attn(inputs[0], shapes, starts, inputs[1], inputs[2], implementation=implementation)
+        output.backward(torch.cos(output.detach()))
+        results.append([output.detach()] + [t.grad for t in inputs])
+    for computed, expected in zip(*results):
+        assert torch.isfinite(computed).all()
+        torch.testing.assert_close(computed, expected, rtol=0, atol=1e-10)

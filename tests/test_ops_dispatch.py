@@ -48,6 +48,54 @@ def test_bad_arguments_raise_value_error_naming_them(index, bad, message):
         ms_deform_attn(*arguments)
 
 
+def implementations():
+    return ["reference"] + (["kernel"] if ops.kernel_available("cpu", torch.float64) else [])
+
+
+@pytest.mark.parametrize("implementation", implementations())
+@pytest.mark.parametrize("extra_tokens", [1, -1])
+def test_value_of_another_length_than_the_levels_is_rejected(implementation, extra_tokens):
+    value, shapes, starts, locations, weights = inputs()  # S = 4 * 5 + 2 * 3 = 26
+    longer_or_shorter = torch.randn(2, 26 + extra_tokens, 2, 4, dtype=torch.float64)
+    message = rf"value has S = {26 + extra_tokens} tokens .* spatial_shapes covers sum_l H_l \* W_l = 26"
+    with pytest.raises(ValueError, match=message):
+        ms_deform_attn(longer_or_shorter, shapes, starts, locations, weights, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", implementations())
+def test_non_finite_locations_read_zeros_with_zero_gradients(implementation):
+    value, shapes, starts, locations, weights = inputs()
+    locations = locations.clone()
+    locations[0, 1, 0, 0, 0, 0] = float("nan")
+    locations[1, 2, 1, 1, 2, 1] = float("inf")
+    locations[1, 3, 0, 0, 1, 0] = -float("inf")
+    dropped = ~torch.isfinite(locations).all(-1)  # (N, Lq, M, L, P)
+    clean_weights = torch.where(dropped, 0.0, weights)  # the same samples, contributing nothing
+    expected = ms_deform_attn_reference(value, shapes, starts, torch.where(dropped[..., None], 0.5, locations), clean_weights)
+
+    value, locations, weights = (t.clone().requires_grad_() for t in (value, locations, weights))
+    output = ms_deform_attn(value, shapes, starts, locations, weights, implementation=implementation)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+    output.backward(torch.ones_like(output))
+    for grad in (value.grad, locations.grad, weights.grad):
+        assert torch.isfinite(grad).all()
+    assert not locations.grad[dropped].any() and not weights.grad[dropped].any()
+    assert locations.grad[~dropped].any() and weights.grad[~dropped].any()
+
+
+@pytest.mark.parametrize("implementation", implementations())
+def test_no_levels_gives_zeros_and_zero_gradients(implementation):
+    value = torch.randn(2, 0, 2, 4, dtype=torch.float64, requires_grad=True)
+    no_levels = torch.zeros(0, 2, dtype=torch.int64)
+    locations = torch.rand(2, 3, 2, 0, 1, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 3, 2, 0, 1, dtype=torch.float64, requires_grad=True)
+    output = ms_deform_attn(value, no_levels, no_levels[:, 0], locations, weights, implementation=implementation)
+    assert output.shape == (2, 3, 8) and not output.any()
+    output.sum().backward()
+    assert value.grad.shape == value.shape and locations.grad.shape == locations.shape
+    assert weights.grad.shape == weights.shape
+
+
 def test_unknown_implementation_is_rejected():
     with pytest.raises(ValueError, match="implementation must be one of"):
         ms_deform_attn(*inputs(), implementation="fast")

@@ -143,8 +143,8 @@ def test_split_levels_path_when_threads_outnumber_head_pairs(queries):
 @requires_kernel
 @pytest.mark.parametrize("queries", [5, 1])
 def test_levels_that_leave_or_share_tokens(queries):
-    # Level 1 reuses level 0's tokens and the last two tokens belong to no level.
-    value = torch.randn(2, 14, 2, 3, dtype=torch.float64, requires_grad=True)
+    # S = 3 * 4 + 2 * 3 = 18, but level 1 reuses level 0's tokens and the last six belong to no level.
+    value = torch.randn(2, 18, 2, 3, dtype=torch.float64, requires_grad=True)
     shapes = torch.tensor([[3, 4], [2, 3]])
     starts = torch.tensor([0, 2])
     locations = torch.rand(2, queries, 2, 2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -166,6 +166,36 @@ def test_levels_outside_value_are_rejected():
     value, shapes, starts, locations, weights = case_inputs("one-channel")
     with pytest.raises(RuntimeError, match="does not fit"):
         kernel(value, shapes, starts + 1, locations, weights)
+
+
+@requires_kernel
+def test_value_of_another_length_than_the_levels_is_a_value_error_in_the_operator():
+    # Called directly (as a compiled graph does), the operator checks what the Python wrapper checks.
+    value, shapes, starts, locations, weights = case_inputs("one-channel")  # S = 3 * 5 + 2 * 2 = 19
+    for tokens in (20, 18):
+        resized = torch.zeros(2, tokens, *value.shape[2:], dtype=value.dtype)
+        with pytest.raises(ValueError, match=f"value has S = {tokens} tokens .*spatial_shapes covers .* = 19"):
+            torch.ops.deformable_attention.ms_deform_attn_forward(resized, shapes, starts, locations, weights)
+
+
+@requires_kernel
+def test_non_finite_locations_agree_with_the_reference():
+    inputs = case_inputs("thirty-two-channels", seed=5)
+    locations = inputs[3].clone()
+    flat = locations.view(-1)
+    flat[1::13] = float("nan")
+    flat[4::17] = float("inf")
+    flat[6::19] = -float("inf")
+    results = []
+    for implementation in (kernel, ms_deform_attn_reference):
+        value, shapes, starts, _, weights = (t.clone() for t in inputs)
+        differentiable = (value.requires_grad_(), locations.clone().requires_grad_(), weights.requires_grad_())
+        output = implementation(value, shapes, starts, differentiable[1], weights)
+        output.backward(torch.cos(output.detach()))
+        results.append([output.detach()] + [t.grad for t in differentiable])
+    for computed, expected in zip(*results):
+        assert torch.isfinite(computed).all()
+        torch.testing.assert_close(computed, expected, rtol=0, atol=1e-10)
 
 
 @requires_kernel

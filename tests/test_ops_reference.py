@@ -65,3 +65,33 @@ def test_no_queries_and_no_levels():
     locations, weights = torch.rand(2, 3, 2, 0, 1, 2), torch.rand(2, 3, 2, 0, 1)
     output = ms_deform_attn_reference(value, empty, empty[:, 0], locations, weights)
     assert output.shape == (2, 3, 8) and not output.any()
+
+
+def test_no_levels_output_is_connected_to_the_graph():
+    value = torch.full((2, 0, 2, 4), float("inf"), dtype=torch.float64, requires_grad=True)
+    empty = torch.zeros(0, 2, dtype=torch.int64)
+    locations = torch.rand(2, 3, 2, 0, 1, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 3, 2, 0, 1, dtype=torch.float64, requires_grad=True)
+    output = ms_deform_attn_reference(value, empty, empty[:, 0], locations, weights)
+    assert output.grad_fn is not None and not output.any()
+    output.sum().backward()
+    assert [t.grad.shape for t in (value, locations, weights)] == [value.shape, locations.shape, weights.shape]
+
+
+def test_value_longer_than_the_levels_is_a_value_error():
+    value, shapes, starts, locations, weights = make_inputs([(3, 4), (2, 1)], batch=1, heads=2, channels=3, queries=2,
+                                                            points=2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"value has S = 15 tokens .*spatial_shapes covers sum_l H_l \* W_l = 14"):
+        ms_deform_attn_reference(torch.cat([value, value[:, :1]], dim=1), shapes, starts, locations, weights)
+
+
+def test_non_finite_locations_contribute_nothing():
+    value, shapes, starts, locations, weights = make_inputs([(3, 4)], batch=1, heads=1, channels=2, queries=2,
+                                                            points=2, dtype=torch.float64)
+    locations[0, 0, 0, 0, 1] = torch.tensor([float("nan"), 0.5])
+    locations.requires_grad_()
+    output = ms_deform_attn_reference(value, shapes, starts, locations, weights)
+    expected = naive_attention(value, shapes, locations.detach().nan_to_num(nan=-5.0), weights)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+    output.sum().backward()
+    assert torch.isfinite(locations.grad).all() and not locations.grad[0, 0, 0, 0, 1].any()

@@ -166,16 +166,15 @@ def load_predictor(cfg: DictConfig, config_name: str, schema: type) -> Predictor
     """Read ``cfg.checkpoint``, complete ``cfg`` from it, check it against ``schema`` and build the model.
 
     Preprocessing is evaluation's: the recipe's ``dataset.eval_transforms`` (800 / 1333 for the official
-    recipes). ``postprocess.restrict_to_dataset_categories`` is applied here, by masking the logits.
+    recipes). With ``postprocess.restrict_to_dataset_categories`` only the checkpoint's categories are predicted.
     """
     if cfg.amp not in AMP_DTYPES:
         raise ConfigError(f"amp={cfg.amp} is not one of null, bf16, fp16")
     device = runtime.single_device(cfg.device)
     checkpoint = read_user_checkpoint(cfg.checkpoint)
     cfg = config_for_checkpoint(cfg, checkpoint, config_name)
-    with open_dict(cfg):
-        restrict = bool(cfg.postprocess.pop("restrict_to_dataset_categories", True))
     check_config(cfg, schema)
+    restrict = bool(cfg.postprocess.get("restrict_to_dataset_categories", True))
     num_classes = checkpoint_num_classes(cfg, checkpoint)
     if not num_classes:
         raise CheckpointError(f"checkpoint={cfg.checkpoint} does not tell its number of classes; set dataset.num_classes")
@@ -184,4 +183,6 @@ def load_predictor(cfg: DictConfig, config_name: str, schema: type) -> Predictor
     if categories is None:
         logger.warning("checkpoint=%s does not name its categories: labels are class indices and every class is kept", cfg.checkpoint)
     size, max_size = cfg.dataset.eval_transforms.size, cfg.dataset.eval_transforms.max_size
-    return Predictor(cfg, model, instantiate(cfg.postprocess), categories, restrict, make_eval_transforms(size, max_size), device, AMP_DTYPES[cfg.amp])
+    # one category list for both: the masked logits rank the queries (visualize), PostProcess selects
+    postprocess = instantiate(cfg.postprocess, category_ids=[c["id"] for c in categories] if categories else None)
+    return Predictor(cfg, model, postprocess, categories, restrict, make_eval_transforms(size, max_size), device, AMP_DTYPES[cfg.amp])

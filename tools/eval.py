@@ -75,7 +75,8 @@ def run(cfg: DictConfig):
     model = instantiate(cfg.model, num_classes=num_classes).to(device)
     report = load_weights(model, cfg.checkpoint, allow_new_classes=False, checkpoint=checkpoint)
     logger.info("loaded %s (%s%s) on %s", cfg.checkpoint, "official " if report.official else "", report.recipe.name(), device)
-    postprocess = instantiate(cfg.postprocess)
+    # predictions carry only the val set's category ids (postprocess.restrict_to_dataset_categories)
+    postprocess = instantiate(cfg.postprocess, category_ids=val_set.category_ids)
     evaluation = evaluate(model, postprocess, loader, val_set.coco, device, amp=cfg.amp)
     if evaluation is None:
         return None

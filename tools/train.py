@@ -76,7 +76,7 @@ def train(cfg: DictConfig):
     parts = TrainingParts(
         model=model,
         criterion=instantiate(cfg.criterion, num_classes=num_classes),
-        postprocess=instantiate(cfg.postprocess),
+        postprocess=instantiate(cfg.postprocess, category_ids=val_set.category_ids),
         optimizer=optimizer,
         scheduler=instantiate(cfg.schedule)(optimizer, iters_per_epoch=len(train_loader)),
         scaler=torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None,

@@ -7,6 +7,7 @@ import random
 from typing import Callable, Dict, Optional, Tuple
 
 import PIL.Image
+import PIL.ImageOps
 import torch
 from torch.utils.data import Dataset
 
@@ -14,7 +15,7 @@ from ..errors import DataError, MissingFileError
 from .coco_annotations import coco_target, load_coco_annotations, num_classes_of
 from .skip_counter import SkipCounter
 
-__all__ = ["UnreadableImageError", "CocoDetection", "coco_split_paths", "build_coco_dataset"]
+__all__ = ["UnreadableImageError", "ImageSizeMismatchError", "CocoDetection", "coco_split_paths", "build_coco_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,14 @@ Item = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 
 class UnreadableImageError(DataError, OSError):
-    """An image file that exists but cannot be decoded; the message names the file."""
+    """An image file that exists but cannot be decoded; the message names the file. A user's
+    mistake (tools print it as one line); still an OSError for callers that catch those."""
+
+
+class ImageSizeMismatchError(DataError):
+    """An image whose decoded size (EXIF orientation applied) is not the width and height its
+    annotation file gives: its boxes would land in the wrong place. The message names the file
+    and both sizes."""
 
 
 def _prefix(context: Optional[str]) -> str:
@@ -40,10 +48,17 @@ class CocoDetection(Dataset):
 
     Item ``index`` in epoch ``epoch`` draws its augmentation from
     ``random.Random(f"{seed}:{epoch}:{index}")``, so it does not depend on which worker
-    loads it or when. With ``skip_unreadable`` a missing or undecodable image gives
-    ``None`` (``collate`` drops it) and increments ``skipped``; otherwise it raises.
+    loads it or when. With ``skip_unreadable`` a missing or undecodable image, or one whose
+    size is not its annotation's, gives ``None`` (``collate`` drops it) and increments
+    ``skipped``; otherwise it raises.
 
-    Items are ordered by ascending image id. ``num_classes`` is the largest category id + 1.
+    Images are decoded as displayed: the EXIF orientation is applied (a phone photo stored
+    sideways with "rotate 90" is annotated upright by labelling tools), and the result must
+    have the annotation's ``width`` x ``height`` (when the file gives them), else the boxes
+    would be silently wrong.
+
+    Items are ordered by ascending image id. ``num_classes`` is the largest category id + 1;
+    ``category_ids`` the sorted ids of the file's categories (what predictions may carry).
     """
 
     def __init__(
@@ -67,6 +82,7 @@ class CocoDetection(Dataset):
         self.coco = load_coco_annotations(self.annotation_file, context=context)
         self.ids = sorted(self.coco.imgs.keys())
         self.num_classes = num_classes_of(self.coco)
+        self.category_ids = sorted(self.coco.cats)
         self.category_names = {
             category_id: category.get("name", str(category_id)) for category_id, category in self.coco.cats.items()
         }
@@ -96,7 +112,7 @@ class CocoDetection(Dataset):
         image_id = self.ids[index]
         try:
             image = self._read_image(image_id)
-        except (FileNotFoundError, UnreadableImageError) as error:
+        except (FileNotFoundError, UnreadableImageError, ImageSizeMismatchError) as error:
             if not self.skip_unreadable:
                 raise
             self.skipped.increment()
@@ -112,16 +128,32 @@ class CocoDetection(Dataset):
         if not os.path.isfile(path):
             raise MissingFileError(
                 f"{prefix}image {path} (id {image_id} in {self.annotation_file}) does not exist; "
-                "restore the file, or enable skipping of unreadable images"
+                "restore the file, or enable skipping of unreadable images (dataset.skip_unreadable=true)"
             )
         try:
             with PIL.Image.open(path) as opened:
-                return opened.convert("RGB")
+                # as displayed: labelling tools annotate the image after its EXIF rotation
+                image = PIL.ImageOps.exif_transpose(opened).convert("RGB")
         except Exception as error:  # any decoder failure means the same thing: unusable file
             raise UnreadableImageError(
                 f"{prefix}image {path} (id {image_id}) cannot be decoded ({error}); "
-                "replace the file, or enable skipping of unreadable images"
+                "replace the file, or enable skipping of unreadable images (dataset.skip_unreadable=true)"
             ) from error
+        self._check_size(image, image_id, path)
+        return image
+
+    def _check_size(self, image: PIL.Image.Image, image_id: int, path: str) -> None:
+        info = self.coco.imgs[image_id]
+        expected = (info.get("width"), info.get("height"))
+        if None in expected or tuple(image.size) == expected:
+            return
+        width, height = image.size
+        raise ImageSizeMismatchError(
+            f"{_prefix(self.context)}image {path} (id {image_id}) is {width}x{height} (width x height, EXIF orientation "
+            f"applied) but {self.annotation_file} says {expected[0]}x{expected[1]}: its boxes would be misplaced; "
+            "correct the image's width/height (and boxes) in the annotations or the image file, "
+            "or enable skipping of unreadable images (dataset.skip_unreadable=true)"
+        )
 
 
 def coco_split_paths(root: str, split: str, year: str = "2017") -> Tuple[str, str]:

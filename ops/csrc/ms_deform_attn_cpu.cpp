@@ -93,11 +93,20 @@ struct LevelCover {
   bool complete;  // every token belongs to a level
 };
 
-// The CPU kernel reads spatial_shapes on the host, so it can afford to reject
-// levels that do not fit in value instead of reading out of bounds.
+// The CPU kernel reads spatial_shapes on the host, so it can afford to reject a
+// value of another length than the levels', and levels that do not fit in value
+// instead of reading out of bounds.
 LevelCover check_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, const Layout& layout) {
   const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
   const int64_t* starts = level_start_index.data_ptr<int64_t>();
+  int64_t level_tokens = 0;
+  for (int64_t l = 0; l < layout.levels; ++l) {
+    level_tokens += shapes[2 * l] * shapes[2 * l + 1];
+  }
+  // The same ValueError as the Python wrapper and the reference, for direct and compiled calls.
+  TORCH_CHECK_VALUE(level_tokens == layout.tokens, "ms_deform_attn: value has S = ", layout.tokens,
+                    " tokens (dim 1) but spatial_shapes covers sum_l H_l * W_l = ", level_tokens,
+                    "; value must hold exactly the flattened levels of spatial_shapes");
   std::vector<std::pair<int64_t, int64_t>> ranges;
   for (int64_t l = 0; l < layout.levels; ++l) {
     TORCH_CHECK(level_fits(shapes[2 * l], shapes[2 * l + 1], starts[l], layout.tokens), "ms_deform_attn: level ", l,
