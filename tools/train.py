@@ -22,11 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from deformable_detr.engine.checkpoint import find_resume, load_resumable, refuse_to_overwrite, remove_stale_temporaries
 from deformable_detr.engine.distributed import init_distributed
-from deformable_detr.engine.precision import AMP_DTYPES
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.run_lock import RunLock
 from deformable_detr.engine.trainer import Trainer, TrainingData, TrainingParts
-from deformable_detr.errors import ConfigError
 from deformable_detr.models.weights import load_weights
 from deformable_detr.utils import distributed
 
@@ -37,24 +35,12 @@ def train(cfg: DictConfig):
     # every check that needs no data or model comes first
     check_config(cfg, TrainConfig)
     settings = runtime.build(cfg.trainer)
-    if settings.amp not in AMP_DTYPES:
-        raise ConfigError(f"trainer.amp={settings.amp} is not one of null, bf16, fp16")
     runtime.check_files_exist(cfg, ["resume", "init_weights"])
     data = runtime.dataset_settings(cfg.dataset)
     device = init_distributed(runtime.resolve_device(cfg.device))
-    run_dir = runtime.run_directory()
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    # the process that writes checkpoints holds the run directory until it exits
-    lock = RunLock(run_dir).acquire() if rank == 0 else None
-    runtime.setup_logging(run_dir, "train.log")
-    if rank == 0:
-        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
-        removed = remove_stale_temporaries(run_dir)
-        if removed:
-            logger.info("removed %d temporary file(s) (%.1f MB) left by interrupted checkpoint saves: %s", len(removed),
-                        sum(size for _, size in removed) / 1e6, ", ".join(os.path.basename(path) for path, _ in removed))
-    logger.info("run directory %s; %s on %d process(es), device %s", run_dir, cfg.name, world, device)
-    seed_everything(cfg.seed + rank)
+    run_dir, lock = open_run_directory(cfg)
+    logger.info("run directory %s; %s on %d process(es), device %s", run_dir, cfg.name, distributed.get_world_size(), device)
+    seed_everything(cfg.seed + distributed.get_rank())
 
     root = runtime.dataset_root(data)
     train_set = runtime.build_dataset(data, "train", root, cfg.seed)
@@ -65,6 +51,45 @@ def train(cfg: DictConfig):
     logger.info("data: %d train / %d val images, %s, %d steps per epoch",
                 len(train_set), len(val_set), runtime.describe_categories(train_set.coco, num_classes), len(train_loader))
 
+    parts = build_parts(cfg, settings, num_classes, val_set.category_ids, iters_per_epoch=len(train_loader) // settings.accumulate_steps, device=device)
+    writer = None
+    if distributed.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    categories = [{"id": int(c["id"]), "name": c["name"]} for c in train_set.coco.loadCats(train_set.coco.getCatIds())]
+    trainer = Trainer(
+        parts, TrainingData(train_loader, val_loader, val_set.coco), settings, run_dir, device, writer=writer, seed=cfg.seed,
+        extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes, "categories": categories},
+    )
+    resume_or_start(cfg, trainer, run_dir)
+    stats = trainer.fit()
+    if writer is not None:
+        writer.close()
+    if lock is not None:
+        lock.release()
+    if stats is not None:
+        logger.info("final COCO box AP %.4f (AP50 %.4f); %s", stats["AP"], stats["AP50"], run_dir)
+    return stats
+
+
+def open_run_directory(cfg: DictConfig):
+    """The run directory, locked by the process that writes checkpoints (until it exits), with
+    the composed config saved and what interrupted saves left removed; returns (dir, lock or None)."""
+    run_dir = runtime.run_directory()
+    lock = RunLock(run_dir).acquire() if distributed.is_main_process() else None
+    runtime.setup_logging(run_dir, "train.log")
+    if lock is not None:
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+        removed = remove_stale_temporaries(run_dir)
+        if removed:
+            logger.info("removed %d temporary file(s) (%.1f MB) left by interrupted checkpoint saves: %s", len(removed),
+                        sum(size for _, size in removed) / 1e6, ", ".join(os.path.basename(path) for path, _ in removed))
+    return run_dir, lock
+
+
+def build_parts(cfg: DictConfig, settings, num_classes: int, category_ids, iters_per_epoch: int, device: torch.device) -> TrainingParts:
+    """The model (with ``init_weights`` loaded), loss, post-processing and optimization state."""
     model = runtime.build(cfg.model, num_classes=num_classes).to(device)
     if cfg.init_weights:
         report = load_weights(model, cfg.init_weights, allow_new_classes=True, key="init_weights")
@@ -76,26 +101,21 @@ def train(cfg: DictConfig):
     parts = TrainingParts(
         model=model,
         criterion=instantiate(cfg.criterion, num_classes=num_classes),
-        postprocess=instantiate(cfg.postprocess, category_ids=val_set.category_ids),
+        postprocess=instantiate(cfg.postprocess, category_ids=category_ids),
         optimizer=optimizer,
-        scheduler=instantiate(cfg.schedule)(optimizer, iters_per_epoch=len(train_loader)),
+        scheduler=instantiate(cfg.schedule)(optimizer, iters_per_epoch=iters_per_epoch),
         scaler=torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None,
     )
-    if world > 1:
+    if distributed.get_world_size() > 1:
         parts.train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=cfg.find_unused_parameters
         )
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
+    return parts
 
-        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
-    trainer = Trainer(
-        parts, TrainingData(train_loader, val_loader, val_set.coco), settings, run_dir, device, writer=writer, seed=cfg.seed,
-        extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes,
-                     "categories": [{"id": int(c["id"]), "name": c["name"]} for c in train_set.coco.loadCats(train_set.coco.getCatIds())]},
-    )
+def resume_or_start(cfg: DictConfig, trainer: Trainer, run_dir: str) -> None:
+    """Continue from ``resume`` (auto: the run directory's newest usable checkpoint); a run that
+    starts from scratch may not replace an earlier run's checkpoints unless ``overwrite=true``."""
     resume = None
     if cfg.resume == "auto":
         resume = find_resume(run_dir)
@@ -106,14 +126,6 @@ def train(cfg: DictConfig):
         trainer.load_state_dict(resume)
     elif not cfg.overwrite:
         refuse_to_overwrite(run_dir)
-    stats = trainer.fit()
-    if writer is not None:
-        writer.close()
-    if lock is not None:
-        lock.release()
-    if stats is not None:
-        logger.info("final COCO box AP %.4f (AP50 %.4f); %s", stats["AP"], stats["AP50"], run_dir)
-    return stats
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
