@@ -11,7 +11,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from deformable_detr.data.settings import DatasetSettings
-from deformable_detr.engine.trainer import TrainerSettings
 
 
 def schema_of(cls: type, target: bool = False) -> type:
@@ -44,7 +43,6 @@ def _schema_type(annotation):
 
 
 DatasetNode = schema_of(DatasetSettings, target=True)
-TrainerNode = schema_of(TrainerSettings, target=True)
 
 
 @dataclass
@@ -62,7 +60,7 @@ class TrainConfig:
     dataset: DatasetNode = field(default_factory=DatasetNode)
     optimizer: Any = MISSING
     schedule: Any = MISSING
-    trainer: TrainerNode = field(default_factory=TrainerNode)
+    trainer: Any = MISSING
 
 
 @dataclass
@@ -78,7 +76,7 @@ class EvalConfig:
     dataset: DatasetNode = field(default_factory=DatasetNode)
     optimizer: Any = MISSING
     schedule: Any = MISSING
-    trainer: TrainerNode = field(default_factory=TrainerNode)
+    trainer: Any = MISSING
 
 
 @dataclass
@@ -100,7 +98,7 @@ class InferConfig:
     dataset: DatasetNode = field(default_factory=DatasetNode)
     optimizer: Any = MISSING
     schedule: Any = MISSING
-    trainer: TrainerNode = field(default_factory=TrainerNode)
+    trainer: Any = MISSING
 
 
 @dataclass
@@ -123,7 +121,7 @@ class VisualizeConfig:
     dataset: DatasetNode = field(default_factory=DatasetNode)
     optimizer: Any = MISSING
     schedule: Any = MISSING
-    trainer: TrainerNode = field(default_factory=TrainerNode)
+    trainer: Any = MISSING
 
 
 def register() -> None:
