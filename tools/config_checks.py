@@ -25,14 +25,6 @@ def check_config(cfg: DictConfig, schema: type) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def check_targets(cfg: DictConfig, path: str = "") -> None:
-    """Raise ConfigError for the keys that the nodes' ``_target_`` do not accept."""
-    problems: List[str] = []
-    _walk(cfg, path, problems)
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
 def _check_schema(node, schema: type, path: str, problems: List[str]) -> None:
     if not isinstance(node, DictConfig) or node._is_none():
         return
