@@ -126,6 +126,10 @@ def test_outputs_and_gradients_equal_the_earlier_formulation(experiment):
     grad_difference = max_difference(new_grads, old_grads)
     grad_scale = max(g.abs().max().item() for g in old_grads)
     print(f"{experiment}: outputs max |diff| {output_difference:.3g}, grads max |diff| {grad_difference:.3g} (max |grad| {grad_scale:.3g})")
+    if not model.with_box_refine:
+        # the same operations in the same order: bit for bit
+        assert output_difference == 0 and grad_difference == 0
+    # with refinement the gradient sums reach the hidden states in another order: rounding only
     assert output_difference <= 1e-12
     assert grad_difference <= 1e-12 * max(1.0, grad_scale)
 

@@ -158,22 +158,21 @@ class DeformableDETR(nn.Module):
             num_proposals=self.num_queries if self.two_stage else None,
         )
 
-        logits = [self.class_embed[layer](hidden_states[layer]) for layer in range(hidden_states.shape[0])]
-        if self.with_box_refine:
-            # the decoder applied each layer's box head to refine its reference: those refined
-            # boxes (kept in the graph there) are the outputs, so the heads run once per layer
-            boxes = list(references)
-        else:
-            # without refinement every layer's reference is the initial one
-            reference = inverse_sigmoid(init_reference)
-            boxes = []
-            for layer in range(hidden_states.shape[0]):
+        logits, boxes = [], []
+        for layer in range(hidden_states.shape[0]):
+            if self.with_box_refine:
+                # the decoder applied this layer's box head to correct its reference: that box (kept
+                # in the graph there) is the output, so each head runs once per layer
+                boxes.append(references[layer])
+            else:
+                reference = inverse_sigmoid(init_reference if layer == 0 else references[layer - 1])
                 delta = self.bbox_embed[layer](hidden_states[layer])
                 if reference.shape[-1] == 4:
                     coord = delta + reference
                 else:
                     coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
                 boxes.append(coord.sigmoid())
+            logits.append(self.class_embed[layer](hidden_states[layer]))
 
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
