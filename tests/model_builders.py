@@ -16,9 +16,9 @@ def tiny_model(levels=4, refine=False, two_stage=False, num_classes=10, queries=
     backbone = Backbone("resnet18", True, levels > 1, False, norm=norm, trainable_layers=5)
     transformer = DeformableTransformer(
         d_model=hidden, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128, dropout=dropout,
-        num_feature_levels=levels, dec_n_points=2, enc_n_points=2, two_stage=two_stage, two_stage_num_proposals=queries,
+        num_feature_levels=levels, dec_n_points=2, enc_n_points=2, two_stage=two_stage,
     )
-    return DeformableDETR(backbone, PositionEmbeddingSine(hidden // 2), transformer, num_classes, queries, True, refine, two_stage)
+    return DeformableDETR(backbone, PositionEmbeddingSine(hidden // 2), transformer, num_classes, queries, True, refine)
 
 
 def instantiate_checkpoint_model(path):

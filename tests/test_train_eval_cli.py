@@ -90,7 +90,7 @@ def test_init_weights_fine_tunes_from_another_class_count(tmp_path, data_root):
 def test_resume_refuses_another_model(tmp_path, data_root):
     run = tmp_path / "run"
     assert_ok(run_tool("train", *tiny(run, data_root, "trainer.epochs=2", "trainer.max_steps=2")))
-    result = run_tool("train", *tiny(run, data_root, "trainer.epochs=2", "model.two_stage=true"))
+    result = run_tool("train", *tiny(run, data_root, "trainer.epochs=2", "model.transformer.two_stage=true"))
     assert result.returncode != 0
     assert "resume with the run's original config" in result.stdout + result.stderr
 

@@ -1,6 +1,6 @@
 """ResNet backbone with frozen BatchNorm, returning C3-C5 (multi-scale) or C5 (single-scale) with masks."""
 import os
-from typing import Dict, List, Sequence, Union
+from typing import Dict, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +142,3 @@ def _imagenet_state_dict(name: str, pretrained: Union[bool, str]) -> Dict[str, t
             "or train from scratch with pretrained=false."
         ) from error
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
-
-
-def list_backbones() -> List[str]:
-    return sorted(_CHANNELS)

@@ -45,9 +45,10 @@ class DeformableDecoder(nn.Module):
     """A stack of decoder layers returning every layer's output and reference.
 
     With iterative bounding box refinement, layer l's box head predicts a correction of its
-    reference box; the corrected box (detached, so each layer learns its own correction) is the
-    reference of layer l + 1. The heads are passed to ``forward`` rather than owned here: they
-    belong to the detector, which also applies them to produce the outputs.
+    reference box; the corrected box is layer l's predicted box and, detached (so each layer
+    learns its own correction), the reference of layer l + 1. The heads are passed to
+    ``forward`` rather than owned here: they belong to the detector, which takes the corrected
+    boxes from here as its box outputs instead of applying the heads a second time.
     """
 
     def __init__(self, layer: DeformableDecoderLayer, num_layers: int):
@@ -75,8 +76,10 @@ class DeformableDecoder(nn.Module):
             box_heads: one box head per layer for iterative refinement, or None.
         Returns:
             hidden states (num_layers, N, Q, C) and the references after each layer
-            (num_layers, N, Q, 2|4); the reference of layer l is the initial one for l = 0, else
-            entry l - 1.
+            (num_layers, N, Q, 2|4). Without ``box_heads`` every entry is the initial reference.
+            With them entry l is layer l's corrected box (N, Q, 4) in [0, 1], kept in the graph
+            (its loss trains layer l's head and hidden state, and the initial reference for l = 0);
+            layer l + 1 receives it detached.
         """
         output = tgt
         hidden_states, references = [], []
@@ -95,7 +98,9 @@ class DeformableDecoder(nn.Module):
                 else:
                     # a point reference becomes a box: the head supplies the size from scratch
                     refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1).sigmoid()
+                references.append(refined)
                 reference_points = refined.detach()
+            else:
+                references.append(reference_points)
             hidden_states.append(output)
-            references.append(reference_points)
         return torch.stack(hidden_states), torch.stack(references)

@@ -24,7 +24,7 @@ class DeformableTransformer(nn.Module):
         d_model: C. nhead: heads. num_encoder_layers, num_decoder_layers: depths.
         dim_feedforward: FFN width. dropout: dropout everywhere.
         num_feature_levels: L. enc_n_points, dec_n_points: sampling points per head and level.
-        two_stage: use encoder proposals. two_stage_num_proposals: Q in two-stage mode.
+        two_stage: use encoder proposals (the detector reads this flag; Q comes with ``forward``).
     """
 
     def __init__(
@@ -39,14 +39,12 @@ class DeformableTransformer(nn.Module):
         dec_n_points: int = 4,
         enc_n_points: int = 4,
         two_stage: bool = False,
-        two_stage_num_proposals: int = 300,
     ):
         super().__init__()
         self.d_model = d_model
         self.nhead = nhead
         self.num_feature_levels = num_feature_levels
         self.two_stage = two_stage
-        self.two_stage_num_proposals = two_stage_num_proposals
         encoder_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points)
         self.encoder = DeformableEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points)
@@ -133,6 +131,7 @@ class DeformableTransformer(nn.Module):
         box_heads: Optional[Sequence[nn.Module]] = None,
         proposal_class_head: Optional[nn.Module] = None,
         proposal_box_head: Optional[nn.Module] = None,
+        num_proposals: Optional[int] = None,
     ):
         """
         Args:
@@ -142,9 +141,11 @@ class DeformableTransformer(nn.Module):
             box_heads: per decoder layer box heads for iterative refinement, or None.
             proposal_class_head, proposal_box_head: the heads scoring and regressing encoder proposals
                 (two-stage only).
+            num_proposals: Q, the number of encoder proposals that become queries (two-stage only).
         Returns:
             hidden states (num_decoder_layers, N, Q, C), initial references (N, Q, 2|4), references
-            after each layer (num_decoder_layers, N, Q, 2|4), and in two-stage mode the encoder
+            after each layer (num_decoder_layers, N, Q, 2|4; with ``box_heads`` the refined boxes,
+            see ``DeformableDecoder.forward``), and in two-stage mode the encoder
             proposals' logits (N, S, num_classes) and unnormalized boxes (N, S, 4) (else None, None).
         """
         if len(srcs) != self.num_feature_levels:
@@ -167,13 +168,13 @@ class DeformableTransformer(nn.Module):
         n, _, c = memory.shape
         enc_class = enc_coord_unact = None
         if self.two_stage:
-            if proposal_class_head is None or proposal_box_head is None:
-                raise ValueError("two-stage mode needs proposal_class_head and proposal_box_head")
+            if proposal_class_head is None or proposal_box_head is None or num_proposals is None:
+                raise ValueError("two-stage mode needs proposal_class_head, proposal_box_head and num_proposals")
             output_memory, output_proposals = self.encoder_proposals(memory, mask_flatten, spatial_shapes)
             enc_class = proposal_class_head(output_memory)
             enc_coord_unact = proposal_box_head(output_memory) + output_proposals
             # rank proposals by their first-class (foreground) logit, as the encoder loss trains it
-            topk = torch.topk(enc_class[..., 0], self.two_stage_num_proposals, dim=1)[1]
+            topk = torch.topk(enc_class[..., 0], num_proposals, dim=1)[1]
             topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).detach()
             reference_points = topk_coords_unact.sigmoid()
             pos_trans = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_coords_unact)))

@@ -35,12 +35,12 @@ class DeformableDETR(nn.Module):
     Args:
         backbone: returns (feature, mask) per level (see ``Backbone``), with ``num_channels``.
         position_encoding: (feature, mask) -> (B, C, H, W) positional embedding.
-        transformer: the ``DeformableTransformer``; its ``num_feature_levels`` and ``two_stage`` rule.
+        transformer: the ``DeformableTransformer``; its ``num_feature_levels`` and ``two_stage`` rule
+            (two-stage: initial boxes and queries from encoder proposals).
         num_classes: K, the largest category id + 1 (91 for COCO).
         num_queries: Q (also the number of two-stage proposals).
         aux_loss: also return every decoder layer's predictions.
         with_box_refine: each decoder layer refines the boxes with its own heads.
-        two_stage: initial boxes and queries from encoder proposals (must match the transformer).
 
     The heads: ``class_embed`` and ``bbox_embed`` hold one head per decoder layer (plus one for the
     encoder proposals in two-stage mode). Without refinement they are the same module repeated,
@@ -56,23 +56,15 @@ class DeformableDETR(nn.Module):
         num_queries: int = 300,
         aux_loss: bool = True,
         with_box_refine: bool = False,
-        two_stage: bool = False,
     ):
         super().__init__()
-        if two_stage != transformer.two_stage:
-            raise ValueError(f"two_stage={two_stage} but the transformer was built with two_stage={transformer.two_stage}")
-        if two_stage and transformer.two_stage_num_proposals != num_queries:
-            raise ValueError(
-                f"two-stage uses num_queries={num_queries} proposals but the transformer keeps "
-                f"two_stage_num_proposals={transformer.two_stage_num_proposals}"
-            )
+        two_stage = transformer.two_stage
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
         self.num_classes = num_classes
         self.num_feature_levels = transformer.num_feature_levels
         self.aux_loss = aux_loss
         self.with_box_refine = with_box_refine
-        self.two_stage = two_stage
         self.backbone = backbone
         self.position_encoding = position_encoding
         self.transformer = transformer
@@ -112,6 +104,11 @@ class DeformableDETR(nn.Module):
             # two-stage references are already boxes: heads predict size corrections around 0
             for head in self.bbox_embed:
                 nn.init.constant_(head.layers[-1].bias[2:], 0.0)
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether the transformer proposes the initial boxes and queries (its flag is the only one)."""
+        return self.transformer.two_stage
 
     @staticmethod
     def _input_projections(in_channels: List[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
@@ -158,18 +155,24 @@ class DeformableDETR(nn.Module):
             box_heads=self.bbox_embed if self.with_box_refine else None,
             proposal_class_head=self.class_embed[-1] if self.two_stage else None,
             proposal_box_head=self.bbox_embed[-1] if self.two_stage else None,
+            num_proposals=self.num_queries if self.two_stage else None,
         )
 
         logits, boxes = [], []
         for layer in range(hidden_states.shape[0]):
-            reference = inverse_sigmoid(init_reference if layer == 0 else references[layer - 1])
-            delta = self.bbox_embed[layer](hidden_states[layer])
-            if reference.shape[-1] == 4:
-                coord = delta + reference
+            if self.with_box_refine:
+                # the decoder applied this layer's box head to correct its reference: that box (kept
+                # in the graph there) is the output, so each head runs once per layer
+                boxes.append(references[layer])
             else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+                reference = inverse_sigmoid(init_reference if layer == 0 else references[layer - 1])
+                delta = self.bbox_embed[layer](hidden_states[layer])
+                if reference.shape[-1] == 4:
+                    coord = delta + reference
+                else:
+                    coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+                boxes.append(coord.sigmoid())
             logits.append(self.class_embed[layer](hidden_states[layer]))
-            boxes.append(coord.sigmoid())
 
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:

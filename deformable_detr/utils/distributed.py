@@ -6,7 +6,6 @@ code can call them unconditionally. Collectives (``barrier``, ``all_gather_objec
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List
 
 import torch
@@ -16,7 +15,6 @@ __all__ = [
     "is_distributed",
     "get_rank",
     "get_world_size",
-    "get_local_rank",
     "is_main_process",
     "barrier",
     "all_gather_object",
@@ -38,11 +36,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes in the default group; 1 without a process group."""
     return dist.get_world_size() if is_distributed() else 1
-
-
-def get_local_rank() -> int:
-    """Rank within this machine, from the ``LOCAL_RANK`` variable set by torchrun; 0 otherwise."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main_process() -> bool:
