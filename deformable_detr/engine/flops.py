@@ -44,8 +44,17 @@ def count_detector_flops(model: nn.Module, images: torch.Tensor, masks: torch.Te
             ``transformer.encoder`` / ``transformer.decoder`` children).
         images: (B, 3, H, W); masks: (B, H, W) bool, True on padding.
     """
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(images, masks)
+    # The counter's module tracking hooks every input that requires a gradient, which fails for
+    # parameters passed as inputs (the query embeddings) under no_grad: freeze them meanwhile.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(images, masks)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     counts = counter.get_flop_counts()
     root = type(model).__name__
     total = _module_total(counts, "Global")
