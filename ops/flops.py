@@ -72,11 +72,12 @@ def _active_counters():
     """The ``FlopCounterMode`` instances active now (usually none: then this is one cheap check)."""
     from torch.utils import _python_dispatch
 
-    if not _python_dispatch.is_in_torch_dispatch_mode():
+    in_mode = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
+    mode_stack = getattr(_python_dispatch, "_get_current_dispatch_mode_stack", None)
+    if in_mode is None or mode_stack is None or not in_mode():
         return []
     # A FlopCounterMode enters a dispatch mode that holds it as ``counter``.
-    modes = _python_dispatch._get_current_dispatch_mode_stack()
-    return [mode.counter for mode in modes if isinstance(getattr(mode, "counter", None), flop_counter.FlopCounterMode)]
+    return [mode.counter for mode in mode_stack() if isinstance(getattr(mode, "counter", None), flop_counter.FlopCounterMode)]
 
 
 def _add(counter, name, flops):

@@ -64,6 +64,11 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={list(size)} must be [H, W], each at least 32 pixels")
     if cfg.iterations < 1 or cfg.warmup < 0 or cfg.profile.steps < 1 or cfg.profile.warmup < 0:
         raise ConfigError("iterations and profile.steps must be at least 1; warmup and profile.warmup at least 0")
+    batches = {"inference_batch_sizes": list(cfg.inference_batch_sizes), "training_batch_size": [cfg.training_batch_size],
+               "profile.batch_size": [cfg.profile.batch_size]}
+    for key, sizes in batches.items():
+        if min(sizes, default=1) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {sizes}")
 
 
 def image_size_of(cfg: DictConfig) -> List[int]:
