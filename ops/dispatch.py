@@ -5,7 +5,7 @@ Lq queries, L levels, P sampling points per level and head.
 """
 import torch
 
-from . import extension, kernel
+from . import extension, flops, kernel
 from .reference import ms_deform_attn_reference
 from .validation import prepare_inputs
 
@@ -99,4 +99,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                 f"(library: {extension.library_error() or 'loaded'}). {extension.BUILD_HINT}"
             )
         return kernel.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    output = ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    # the reference's grid_sample and sums have no FLOP formula: it reports itself as the op, once
+    flops.count_reference(output, value, sampling_locations)
+    return output

@@ -9,6 +9,8 @@ The operators themselves are defined in C++ (ops/csrc/library.cpp):
 """
 import torch
 
+from . import flops
+
 FORWARD = "deformable_attention::ms_deform_attn_forward"
 BACKWARD = "deformable_attention::ms_deform_attn_backward"
 
@@ -52,7 +54,7 @@ def _no_double_backward(ctx, *grads):
 
 
 def register():
-    """Registers the fake implementations and autograd of the loaded C++ operators (idempotent)."""
+    """Registers the fake implementations, autograd and FLOP formulas of the loaded C++ operators (idempotent)."""
     global _registered
     if _registered:
         return
@@ -60,6 +62,7 @@ def register():
     torch.library.register_fake(BACKWARD)(_backward_fake)
     torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
     torch.library.register_autograd(BACKWARD, _no_double_backward, setup_context=_setup_nothing)
+    flops.register()
     _registered = True
 
 

@@ -94,6 +94,32 @@ def test_known_imperfect_case():
     assert result.stats["APs"] == -1 and result.stats["ARs"] == -1
 
 
+def test_per_category_stats_are_kept_by_id_and_name():
+    # the case above: the cats (40 x 40, 60 x 60: medium) at AP 51 / 101 at every threshold;
+    # the dog (100 x 100: large) matched at IoU 0.62, so AP50 = 1, AP75 = 0, recall 3 / 10
+    annotations = [(1, 1, [0, 0, 40, 40]), (1, 1, [200, 100, 60, 60]), (2, 4, [0, 0, 100, 100])]
+    evaluator = CocoEvaluator(_ground_truth([1, 2], annotations))
+    evaluator.update({1: _result([[0, 0, 40, 40], [300, 200, 30, 30]], [0.9, 0.8], [1, 1]), 2: _result([[0, 0, 100, 62]], [0.7], [4])})
+    result = evaluator.summarize()
+    cat, dog = result.category_stats
+    assert (cat["id"], cat["name"], cat["instances"]) == (1, "cat", 2) and (dog["id"], dog["name"], dog["instances"]) == (4, "dog", 1)
+    assert [cat[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")] == pytest.approx([51 / 101] * 3 + [-1, 51 / 101, -1, 0.5])
+    assert [dog[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")] == pytest.approx([0.3, 1, 0, -1, -1, 0.3, 0.3])
+    assert [row["AP"] for row in result.category_stats] == [ap for _, _, ap in result.per_category]
+    metrics = json.loads(json.dumps(result.metrics()))
+    assert list(metrics) == list(STAT_NAMES) + ["per_category"]
+    assert {k: metrics[k] for k in STAT_NAMES} == result.stats
+    assert metrics["per_category"][1]["name"] == "dog" and metrics["per_category"][1]["AP50"] == pytest.approx(1.0)
+    assert "dog" in result.table and "AP75" in result.table
+
+
+def test_per_category_stats_without_evaluated_images_are_minus_one():
+    result = CocoEvaluator(_ground_truth([1, 2, 3], GT_ANNOTATIONS)).summarize()
+    assert [row["id"] for row in result.category_stats] == [1, 4]
+    assert all(row[k] == -1 for row in result.category_stats for k in ("AP", "AP50", "AR100"))
+    assert all(row["instances"] == 0 for row in result.category_stats)
+
+
 def test_no_predictions_score_zero():
     evaluator = CocoEvaluator(_ground_truth([1, 2, 3], GT_ANNOTATIONS))
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}

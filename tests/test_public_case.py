@@ -34,7 +34,9 @@ def test_public_case_matches_the_official_detections(tmp_path):
     candidate = json.loads((run / "predictions.json").read_text())
     assert len(candidate) == len(reference) == 200
     assert matched_fraction(reference, candidate) == 1.0
-    assert set(json.loads((run / "metrics.json").read_text())) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl", "per_category"}
+    assert {row["id"] for row in metrics["per_category"]} <= set(range(1, 91))
 
 
 def test_official_files_need_no_experiment_flag(tmp_path):

@@ -124,12 +124,45 @@ class VisualizeConfig:
     trainer: Any = MISSING
 
 
+@dataclass
+class ProfileSettings:
+    batch_size: int = 2
+    image_size: List[int] = field(default_factory=lambda: [512, 683])
+    precision: str = "fp32"
+    warmup: int = 1
+    steps: int = 2
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "deformable_detr"
+    seed: int = 42
+    device: str = "auto"
+    num_classes: Optional[int] = None
+    image_size: Optional[List[int]] = None
+    measure: List[str] = field(default_factory=lambda: ["params", "flops", "inference", "training"])
+    precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    inference_batch_sizes: List[int] = field(default_factory=lambda: [1, 4])
+    training_batch_size: int = 2
+    warmup: int = 1
+    iterations: int = 3
+    threads: int = 0
+    profile: ProfileSettings = field(default_factory=ProfileSettings)
+    model: Any = MISSING
+    criterion: Any = MISSING
+    dataset: DatasetNode = field(default_factory=DatasetNode)
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
     store.store(name="infer_schema", node=InferConfig)
     store.store(name="visualize_schema", node=VisualizeConfig)
+    store.store(name="benchmark_schema", node=BenchmarkConfig)
 
 
 register()

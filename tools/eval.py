@@ -9,7 +9,8 @@
 This framework's checkpoints carry their config: without model or dataset overrides, the model
 (and data) they were trained with are used. Official release files carry their arguments: without
 ``experiment=``, the experiment is read from them. Writes ``predictions.json`` (COCO results) and
-``metrics.json`` (the 12 COCO stats) to hydra.run.dir and prints AP per category.
+``metrics.json`` (the 12 COCO stats by name, and ``per_category``: id, name, boxes, AP, AP50, AP75,
+APs, APm, APl, AR100 of each category) to hydra.run.dir and prints them.
 """
 import os
 import sys
@@ -81,7 +82,7 @@ def run(cfg: DictConfig):
     if evaluation is None:
         return None
     write_json_atomic(os.path.join(run_dir, "predictions.json"), evaluation.predictions)
-    write_json_atomic(os.path.join(run_dir, "metrics.json"), evaluation.stats)
+    write_json_atomic(os.path.join(run_dir, "metrics.json"), evaluation.metrics())
     print(evaluation.table)
     logger.info("wrote %s and %s", os.path.join(run_dir, "predictions.json"), os.path.join(run_dir, "metrics.json"))
     return evaluation.stats

@@ -401,11 +401,13 @@ class Trainer:
         if self.history and self.history[-1].get("epoch") == self.epoch - 1:
             self.history[-1].update(entry)
         self._log_json(entry)
-        write_json_atomic(os.path.join(self.run_dir, "metrics.json"), evaluation.stats)
+        write_json_atomic(os.path.join(self.run_dir, "metrics.json"), evaluation.metrics())
         write_json_atomic(os.path.join(self.run_dir, "predictions.json"), evaluation.predictions)
         if self.writer is not None:
             for name, value in evaluation.stats.items():
                 self.writer.add_scalar(f"val/{name}", value, self.step)
+            for row in evaluation.category_stats:
+                self.writer.add_scalar(f"val_per_category/{row['name']}", row["AP"], self.step)
             for index, (image, mask, target, result) in enumerate(drawn):
                 self._draw(index, image, mask, target, result)
             self.writer.flush()

@@ -20,6 +20,7 @@ from deformable_detr.utils.distributed import all_gather_object, is_main_process
 
 __all__ = [
     "STAT_NAMES",
+    "CATEGORY_STATS",
     "CocoEvaluation",
     "CocoEvaluator",
     "to_coco_results",
@@ -30,6 +31,18 @@ __all__ = [
 
 # Order of COCOeval.stats for box detection.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+# Per category, as COCOeval.summarize computes its stats: (IoU threshold or None for .50:.95,
+# area range, max detections). AR1/AR10 are left out: with 100 detections kept they say little per category.
+CATEGORY_STATS = {
+    "AP": (None, "all", 100),
+    "AP50": (0.5, "all", 100),
+    "AP75": (0.75, "all", 100),
+    "APs": (None, "small", 100),
+    "APm": (None, "medium", 100),
+    "APl": (None, "large", 100),
+    "AR100": (None, "all", 100),
+}
 
 # Per image id: its detections in COCO results format.
 ImagePredictions = Dict[int, List[dict]]
@@ -42,6 +55,9 @@ class CocoEvaluation:
     ``stats`` maps each of ``STAT_NAMES`` to a fraction in [0, 1], or -1 where the evaluated
     images hold no ground truth of that kind (pycocotools' convention). ``per_category``
     lists (name, category id, AP at IoU .50:.95), AP -1 for a category without ground truth.
+    ``category_stats`` holds one dict per category, in category id order: ``id``, ``name``,
+    ``instances`` (its non-crowd ground-truth boxes in the evaluated images) and each of
+    ``CATEGORY_STATS`` (fractions, -1 without ground truth of that kind).
     ``predictions`` is the merged COCO results list (what ``predictions.json`` holds),
     ``image_ids`` the evaluated images, ``table`` a printable summary and ``log`` the text
     pycocotools printed.
@@ -53,6 +69,12 @@ class CocoEvaluation:
     image_ids: List[int]
     table: str
     log: str = field(repr=False)
+    category_stats: List[Dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self) -> Dict[str, Any]:
+        """What ``metrics.json`` holds: the 12 stats by name at the top level, and
+        ``per_category``, the list of ``category_stats``."""
+        return {**self.stats, "per_category": self.category_stats}
 
 
 def to_coco_results(results: Mapping[int, Mapping[str, Any]]) -> ImagePredictions:
@@ -123,13 +145,49 @@ def _category_ap(coco_eval: COCOeval) -> List[float]:
     return values
 
 
-def _format_table(stats: Dict[str, float], per_category: List[Tuple[str, int, float]], num_images: int) -> str:
+def _mean_valid(values: np.ndarray) -> float:
+    valid = values[values > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+def _category_stats(coco_eval: COCOeval) -> List[Dict[str, float]]:
+    """Per category, each of ``CATEGORY_STATS`` from COCOeval's accumulated arrays."""
+    params = coco_eval.params
+    # precision: (IoU thresholds, recall thresholds, categories, area ranges, max dets);
+    # recall: (IoU thresholds, categories, area ranges, max dets)
+    precision, recall = coco_eval.eval["precision"], coco_eval.eval["recall"]
+    rows = []
+    for k in range(precision.shape[2]):
+        row = {}
+        for name, (iou, area, max_dets) in CATEGORY_STATS.items():
+            a, m = params.areaRngLbl.index(area), list(params.maxDets).index(max_dets)
+            t = slice(None) if iou is None else int(np.argmin(np.abs(params.iouThrs - iou)))
+            values = recall[t, k, a, m] if name.startswith("AR") else precision[t, :, k, a, m]
+            row[name] = _mean_valid(np.asarray(values))
+        rows.append(row)
+    return rows
+
+
+def _instances(coco_gt: COCO, image_ids: Sequence[int]) -> Dict[int, int]:
+    """Non-crowd ground-truth boxes per category id in ``image_ids``."""
+    counts: Dict[int, int] = {}
+    for image_id in image_ids:
+        for annotation in coco_gt.imgToAnns.get(image_id, []):
+            if not annotation.get("iscrowd", 0):
+                counts[annotation["category_id"]] = counts.get(annotation["category_id"], 0) + 1
+    return counts
+
+
+def _format_table(stats: Dict[str, float], category_stats: List[Dict[str, Any]], num_images: int) -> str:
     lines = [f"COCO box evaluation on {num_images} images"]
     lines += [f"  {name:<6} {value:7.4f}" for name, value in stats.items()]
-    if per_category:
-        width = max(len(name) for name, _, _ in per_category)
-        lines.append(f"  {'category':<{width}}  {'id':>4}  {'AP':>7}")
-        lines += [f"  {name:<{width}}  {category_id:>4}  {ap:7.4f}" for name, category_id, ap in per_category]
+    if category_stats:
+        width = max(len(row["name"]) for row in category_stats)
+        lines.append(f"  {'category':<{width}}  {'id':>4}  " + "  ".join(f"{name:>7}" for name in CATEGORY_STATS) + f"  {'boxes':>7}")
+        lines += [
+            f"  {row['name']:<{width}}  {row['id']:>4}  " + "  ".join(f"{row[name]:7.4f}" for name in CATEGORY_STATS) + f"  {row['instances']:>7}"
+            for row in category_stats
+        ]
     return "\n".join(lines)
 
 
@@ -150,21 +208,29 @@ def evaluate_coco(coco_gt: COCO, predictions: List[dict], image_ids: Sequence[in
             coco_eval.summarize()
             raw_stats = [float(value) for value in coco_eval.stats]
             category_ap = _category_ap(coco_eval)
+            category_rows = _category_stats(coco_eval)
         else:
             raw_stats = [-1.0] * len(STAT_NAMES)
             category_ap = [-1.0] * len(coco_eval.params.catIds)
+            category_rows = [dict.fromkeys(CATEGORY_STATS, -1.0) for _ in coco_eval.params.catIds]
     stats = dict(zip(STAT_NAMES, raw_stats))
     per_category = [
         (coco_gt.cats[category_id].get("name", str(category_id)), int(category_id), ap)
         for category_id, ap in zip(coco_eval.params.catIds, category_ap)
+    ]
+    instances = _instances(coco_gt, image_ids)
+    category_stats = [
+        {"id": category_id, "name": name, "instances": instances.get(category_id, 0), **row}
+        for (name, category_id, _), row in zip(per_category, category_rows)
     ]
     return CocoEvaluation(
         stats=stats,
         per_category=per_category,
         predictions=predictions,
         image_ids=image_ids,
-        table=_format_table(stats, per_category, len(image_ids)),
+        table=_format_table(stats, category_stats, len(image_ids)),
         log=log.getvalue(),
+        category_stats=category_stats,
     )
 
 

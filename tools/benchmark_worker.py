@@ -1,0 +1,198 @@
+"""One measurement of tools/benchmark.py, run in a fresh process so that its peak memory is its own.
+
+    python tools/benchmark_worker.py SPEC_JSON
+
+SPEC_JSON (written by tools/benchmark.py) holds ``mode`` (inference | training | profile), the
+resolved ``model``, ``criterion`` and ``optimizer`` config nodes, ``num_classes``, ``device``,
+``precision`` (fp32 | bf16 | fp16), ``batch``, ``image_size`` [H, W], ``warmup``, ``iterations``
+and ``seed``. Prints one JSON line: the result.
+
+Inputs are random: images (B, 3, H, W) from a normal distribution without padding, and for
+training 1 to 10 random boxes per image with random labels. Peak memory: on CUDA
+torch.cuda.max_memory_allocated; on the CPU the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over the timed iterations, weights and inputs included.
+"""
+import json
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+from hydra.utils import instantiate
+
+from deformable_detr.engine.profiling import label_modules, step_breakdown
+from deformable_detr.engine.precision import AMP_DTYPES, outputs_to_float
+
+PRECISIONS = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
+
+
+# ---------------------------------------------------------------- memory
+
+def _status_kilobytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak(device: torch.device) -> bool:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _status_kilobytes("VmHWM") / 2**10
+
+
+# ---------------------------------------------------------------- inputs
+
+def random_batch(batch: int, height: int, width: int, num_classes: int, generator: torch.Generator):
+    """images (B, 3, H, W), masks (B, H, W) all False, targets with ``labels`` (T,) in
+    [1, num_classes) and ``boxes`` (T, 4) cxcywh in [0, 1]."""
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    masks = torch.zeros(batch, height, width, dtype=torch.bool)
+    targets = []
+    for _ in range(batch):
+        count = int(torch.randint(1, 11, (), generator=generator))
+        centres = 0.2 + 0.6 * torch.rand(count, 2, generator=generator)
+        sizes = 0.05 + 0.35 * torch.rand(count, 2, generator=generator)
+        labels = torch.randint(1, max(num_classes, 2), (count,), generator=generator)
+        targets.append({"labels": labels, "boxes": torch.cat([centres, sizes], 1)})
+    return images, masks, targets
+
+
+# ---------------------------------------------------------------- measurements
+
+class Session:
+    """The model (and for training its criterion and optimizer) of one spec, with a step function."""
+
+    def __init__(self, spec: Dict):
+        self.spec = spec
+        self.device = torch.device(spec["device"])
+        torch.manual_seed(spec["seed"])
+        self.model = instantiate(spec["model"], num_classes=spec["num_classes"]).to(self.device)
+        self.amp_dtype = AMP_DTYPES[PRECISIONS[spec["precision"]]]
+        generator = torch.Generator().manual_seed(spec["seed"])
+        height, width = spec["image_size"]
+        images, masks, targets = random_batch(spec["batch"], height, width, spec["num_classes"], generator)
+        self.images, self.masks = images.to(self.device), masks.to(self.device)
+        self.targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+        self.training = spec["mode"] != "inference"
+        if self.training:
+            self.criterion = instantiate(spec["criterion"], num_classes=spec["num_classes"]).to(self.device)
+            self.optimizer = instantiate(spec["optimizer"])(self.model)
+            self.scaler = torch.amp.GradScaler(self.device.type) if spec["precision"] == "fp16" else None
+            self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            self.model.train()
+        else:
+            self.model.eval()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def inference_step(self):
+        with torch.inference_mode(), self._autocast():
+            self.model(self.images, self.masks)
+
+    def training_step(self):
+        """One optimizer step as the train loop takes it: autocast forward, float32 losses,
+        backward, clipping at the recipe's 0.1, step."""
+        with self._autocast():
+            outputs = self.model(self.images, self.masks)
+        losses = self.criterion(outputs_to_float(outputs), self.targets)
+        total = self.criterion.total_loss(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autograd.profiler.record_function("backward"):
+            if self.scaler is not None:
+                self.scaler.scale(total).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                total.backward()
+            self.synchronize()
+        with torch.autograd.profiler.record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.params, 0.1)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+
+    def step(self):
+        (self.training_step if self.training else self.inference_step)()
+
+
+def measure_speed(spec: Dict) -> Dict:
+    session = Session(spec)
+    for _ in range(spec["warmup"]):
+        session.step()
+    session.synchronize()
+    if not _reset_peak(session.device):
+        return {"error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
+    seconds: List[float] = []
+    for _ in range(spec["iterations"]):
+        start = time.perf_counter()
+        session.step()
+        session.synchronize()
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return {
+        "images_per_second": spec["batch"] / median,
+        "seconds_per_iteration": median,
+        "iteration_seconds": seconds,
+        "peak_memory_mb": _peak_mib(session.device),
+    }
+
+
+def profile_training(spec: Dict) -> Dict:
+    """``steps`` training steps under torch.profiler after ``warmup`` unprofiled ones."""
+    session = Session(spec)
+    model, criterion = session.model, session.criterion
+    labels = {
+        "forward": model,
+        "backbone": model.backbone,
+        "encoder": model.transformer.encoder,
+        "decoder": model.transformer.decoder,
+        "loss": criterion,
+        "matcher": criterion.matcher,
+    }
+    for _ in range(spec["warmup"]):
+        session.step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if session.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize = session.synchronize if session.device.type == "cuda" else None
+    with label_modules(labels, synchronize), torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(spec["iterations"]):
+            with torch.autograd.profiler.record_function("step"):
+                session.step()
+                session.synchronize()
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return {"milliseconds_per_step": step_breakdown(profiler.events()), "top_operators": table}
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    result = profile_training(spec) if spec["mode"] == "profile" else measure_speed(spec)
+    result["threads"] = torch.get_num_threads()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
