@@ -122,3 +122,22 @@ def test_a_missing_checkpoint_is_named(tmp_path):
     result = run_tool("eval", f"checkpoint={tmp_path / 'absent.pth'}", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     assert result.returncode == 2
     assert "absent.pth does not exist" in result.stderr
+
+
+def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(capsys):
+    import runtime
+
+    from deformable_detr.errors import DataError
+
+    def mistake(cfg):
+        raise DataError("dataset.root=/x has no annotations/instances_val2017.json; point dataset.root at a COCO layout")
+
+    def bug(cfg):
+        raise ValueError("an internal inconsistency")
+
+    with pytest.raises(SystemExit) as exit_info:
+        runtime.run_reporting_errors(mistake, None)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: dataset.root=/x has no annotations/instances_val2017.json; point dataset.root at a COCO layout\n"
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        runtime.run_reporting_errors(bug, None)
