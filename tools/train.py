@@ -24,7 +24,7 @@ from deformable_detr.engine.checkpoint import find_resume, load_resumable, refus
 from deformable_detr.engine.distributed import init_distributed
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.run_lock import RunLock
-from deformable_detr.engine.trainer import Trainer, TrainingData, TrainingParts
+from deformable_detr.engine.trainer import Trainer, TrainingData, TrainingParts, resolve_amp
 from deformable_detr.models.weights import load_weights
 from deformable_detr.utils import distributed
 
@@ -38,7 +38,10 @@ def train(cfg: DictConfig):
     runtime.check_files_exist(cfg, ["resume", "init_weights"])
     data = runtime.dataset_settings(cfg.dataset)
     device = init_distributed(runtime.resolve_device(cfg.device))
+    requested_amp, settings.amp = settings.amp, resolve_amp(settings.amp, device)
     run_dir, lock = open_run_directory(cfg)
+    if requested_amp == "auto":
+        logger.info("trainer.amp=auto: %s on this %s", settings.amp or "float32 (no autocast)", device.type)
     logger.info("run directory %s; %s on %d process(es), device %s", run_dir, cfg.name, distributed.get_world_size(), device)
     seed_everything(cfg.seed + distributed.get_rank())
 

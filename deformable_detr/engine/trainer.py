@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 class TrainerSettings:
     """How a run trains (the recipe's model, data and optimizer live elsewhere).
 
-    epochs: epochs in total. clip_max_norm: gradient clipping (0: off). amp: None, "bf16" or "fp16".
+    epochs: epochs in total. clip_max_norm: gradient clipping (0: off). amp: None, "bf16", "fp16" or
+    "auto" (bf16 where the device computes it natively, else None; see ``resolve_amp``).
     eval_every: evaluate every this many epochs (and after the last). checkpoint_every_steps:
     also checkpoint within epochs (0: only at epoch ends). keep_every: keep a copy every this many
     epochs (0: only last and best). log_every: steps between progress lines. max_steps: stop with
@@ -62,8 +63,8 @@ class TrainerSettings:
             raise ConfigError(f"trainer.accumulate_steps={self.accumulate_steps} must be >= 1")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.9998, or null for no EMA")
-        if self.amp not in (None, "bf16", "fp16"):
-            raise ConfigError(f"trainer.amp={self.amp} is not one of null, bf16, fp16")
+        if self.amp not in (None, "bf16", "fp16", "auto"):
+            raise ConfigError(f"trainer.amp={self.amp} is not one of null, bf16, fp16, auto")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -84,6 +85,16 @@ def _groups(iterable, size: int):
         if len(group) == size:
             yield group
             group = []
+
+
+def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[str]:
+    """``amp="auto"``: bf16 on a GPU that supports it or a CPU with native bfloat16 instructions
+    (elsewhere bf16 is emulated, slower than float32), otherwise None. Other values unchanged."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else None
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 class StopRequest:
