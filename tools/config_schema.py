@@ -96,10 +96,32 @@ class EvalConfig:
     trainer: Any = MISSING
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING
+    format: str = "onnx"
+    input: Optional[str] = None
+    num_images: int = 4
+    batch_size: int = 2
+    min_match: float = 0.99
+    latency_runs: int = 5
+    name: str = "deformable_detr"
+    seed: int = 42
+    device: str = "cpu"
+    model: Any = MISSING
+    criterion: Any = MISSING
+    postprocess: Any = MISSING
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="export_schema", node=ExportConfig)
 
 
 register()

@@ -13,16 +13,13 @@ This framework's checkpoints carry their config: without model or dataset overri
 """
 import os
 
-import argparse
-
 import hydra
-from hydra import compose
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from config_schema import EvalConfig  # importing registers the schemas
 import runtime
+from checkpoint_model import checkpoint_num_classes, config_for_checkpoint, model_from_checkpoint
 from config_checks import ConfigError, check_config
 
 from deformable_detr.engine.distributed import init_distributed
@@ -30,56 +27,10 @@ from deformable_detr.engine.evaluate_loop import evaluate
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.train_loop import AMP_DTYPES
 from deformable_detr.evaluation.coco_evaluator import write_json_atomic
-from deformable_detr.models.weights import (
-    OFFICIAL_EXPERIMENTS,
-    Recipe,
-    convert_official_state_dict,
-    is_official,
-    load_weights,
-    read_checkpoint,
-    recipe_of_state_dict,
-)
+from deformable_detr.models.weights import read_checkpoint
 from deformable_detr.utils import distributed
 
 logger = runtime.logger
-
-
-def user_overrides():
-    return list(HydraConfig.get().overrides.task)
-
-
-def overrode(overrides, *names) -> bool:
-    """Whether the command line set any of ``names`` (a group or a key prefix)."""
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-    return any(k == n or k.startswith(n + ".") or k.startswith(n + "@") for k in keys for n in names)
-
-
-def config_for_checkpoint(cfg: DictConfig, checkpoint) -> DictConfig:
-    """Fill in what the checkpoint knows and the command line did not say."""
-    overrides = user_overrides()
-    if is_official(checkpoint):
-        if overrode(overrides, "experiment", "model"):
-            return cfg
-        args = checkpoint.get("args")
-        hints = vars(args) if isinstance(args, argparse.Namespace) else {}
-        state = convert_official_state_dict(checkpoint["model"])
-        name = recipe_of_state_dict(state, hints).name()
-        if name not in OFFICIAL_EXPERIMENTS:
-            raise ConfigError(f"checkpoint={cfg.checkpoint} is an official file of no official experiment ({name}); set experiment= or model.*")
-        logger.info("checkpoint is an official %s file: using experiment=%s", name, name)
-        return compose(config_name="eval", overrides=overrides + [f"experiment={name}"])
-    saved = checkpoint.get("config")
-    if not isinstance(saved, dict):
-        return cfg
-    keep_dataset = overrode(overrides, "dataset", "experiment")
-    keep_model = overrode(overrides, "model", "experiment")
-    with open_dict(cfg):
-        if not keep_model and "model" in saved:
-            cfg.model = OmegaConf.create(saved["model"])
-            cfg.name = saved.get("name", cfg.name)
-        if not keep_dataset and "dataset" in saved:
-            cfg.dataset = OmegaConf.merge(cfg.dataset, saved["dataset"])
-    return cfg
 
 
 def run(cfg: DictConfig):
@@ -98,20 +49,10 @@ def run(cfg: DictConfig):
     root = runtime.dataset_root(cfg.dataset)
     val_set = runtime.build_dataset(cfg.dataset, "val", root, cfg.seed)
     loader = runtime.make_loader(val_set, cfg.dataset.eval_batch_size, cfg.dataset.num_workers, False, cfg.seed, device)
-    weights_recipe = Recipe(**checkpoint["recipe"]) if "recipe" in checkpoint else None
-    num_classes = cfg.dataset.num_classes or checkpoint.get("num_classes") or (weights_recipe and weights_recipe.num_classes)
-    if not num_classes:
-        state = convert_official_state_dict(checkpoint["model"]) if is_official(checkpoint) else checkpoint["model"]
-        num_classes = recipe_of_state_dict(state).num_classes or val_set.num_classes
+    num_classes = checkpoint_num_classes(cfg, checkpoint, lambda: val_set.num_classes)
     if val_set.num_classes > num_classes:
         logger.warning("the dataset has category ids up to %d but the model predicts %d classes", val_set.num_classes - 1, num_classes)
-
-    # the checkpoint supplies every weight: never fetch ImageNet weights for evaluation
-    with open_dict(cfg):
-        cfg.model.backbone.pretrained = False
-    model = instantiate(cfg.model, num_classes=num_classes).to(device)
-    report = load_weights(model, cfg.checkpoint, allow_new_classes=False, checkpoint=checkpoint)
-    logger.info("loaded %s (%s%s) on %s", cfg.checkpoint, "official " if report.official else "", report.recipe.name(), device)
+    model, _ = model_from_checkpoint(cfg, checkpoint, num_classes, device)
     postprocess = instantiate(cfg.postprocess)
     evaluation = evaluate(model, postprocess, loader, val_set.coco, device, amp=cfg.amp)
     if evaluation is None:
