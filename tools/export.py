@@ -32,7 +32,7 @@ from deformable_detr.data.image_files import list_images, read_rgb
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.errors import UserError
 from deformable_detr.export import ExportableDetector, export_program, input_ranges, load_program, save_program
-from deformable_detr.export.verification import latency, verify
+from deformable_detr.export.verification import latencies, verify
 from deformable_detr.models.weights import read_checkpoint
 
 logger = runtime.logger
@@ -81,8 +81,9 @@ def run(cfg: DictConfig):
     device = torch.device(runtime.resolve_device(cfg.device))
     run_dir = runtime.run_directory()
     runtime.setup_logging(run_dir, "export.log")
-    # the ONNX optimizer logs every initializer it merges at INFO
-    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    # the ONNX optimizer's passes log every initializer they merge at INFO
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     seed_everything(cfg.seed)
     checkpoint = read_checkpoint(cfg.checkpoint)
     cfg = config_for_checkpoint(cfg, checkpoint)
@@ -121,11 +122,11 @@ def run(cfg: DictConfig):
     print(f"{engine} vs PyTorch on {verification.summary()}")
     if cfg.latency_runs > 0:
         sample = batches[0][:1]
-        exported_seconds = latency(exported, sample, cfg.latency_runs)
-        torch_seconds = latency(detector, sample, cfg.latency_runs)
+        seconds = latencies({engine: exported, "PyTorch": detector}, sample, cfg.latency_runs)
         print(
-            f"latency on one {tuple(sample.shape[-2:])} image, median of {cfg.latency_runs} ({torch.get_num_threads()} threads): "
-            f"{engine} {1000 * exported_seconds:.0f} ms, PyTorch ({device.type}) {1000 * torch_seconds:.0f} ms"
+            f"latency on one {tuple(sample.shape[-2:])} image, median of {cfg.latency_runs} alternating runs "
+            f"(torch threads: {torch.get_num_threads()}): {engine} {1000 * seconds[engine]:.0f} ms, "
+            f"PyTorch ({device.type}) {1000 * seconds['PyTorch']:.0f} ms"
         )
     if not verification.passed(cfg.min_match):
         message = (

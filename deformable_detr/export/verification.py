@@ -5,7 +5,7 @@ Legend: N batch, Q queries, K classes.
 import dataclasses
 import statistics
 import time
-from typing import Callable, Iterable, Tuple
+from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 
@@ -63,12 +63,16 @@ def verify(
 
 
 @torch.no_grad()
-def latency(detector: Detector, images: torch.Tensor, runs: int = 5) -> float:
-    """Median seconds of ``runs`` calls on ``images``, after one untimed warm-up call."""
-    detector(images)
-    times = []
-    for _ in range(max(1, runs)):
-        start = time.perf_counter()
+def latencies(detectors: Dict[str, Detector], images: torch.Tensor, runs: int = 5) -> Dict[str, float]:
+    """Median seconds per call of each detector on ``images`` over ``runs`` calls, after one untimed
+    warm-up call each. The detectors take turns, so that a load that comes and goes on the machine
+    weighs on all of them alike."""
+    for detector in detectors.values():
         detector(images)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in detectors}
+    for _ in range(max(1, runs)):
+        for name, detector in detectors.items():
+            start = time.perf_counter()
+            detector(images)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
