@@ -206,6 +206,7 @@ def small_onnx(tmp_path_factory):
 
 @needs_op
 def test_small_recipe_round_trips_in_onnxruntime(small_onnx):
+    import onnx
     from deformable_detr.export.onnx_model import foreign_operators, onnx_opset
 
     result, path, _, _ = small_onnx
@@ -215,6 +216,9 @@ def test_small_recipe_round_trips_in_onnxruntime(small_onnx):
     assert "matched 300/300 (100.00%)" in result.stdout
     assert "latency on one" in result.stdout and "export verified" in result.stdout
     assert foreign_operators(str(path)) == [] and onnx_opset(str(path)) == 18
+    model = onnx.load(str(path))
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(model.graph.input) + list(model.graph.output)}
+    assert shapes == {"images": ["batch", 3, "height", "width"], "logits": ["batch", 100, 7], "boxes": ["batch", 100, 4]}
 
 
 @needs_op

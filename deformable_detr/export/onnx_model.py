@@ -15,6 +15,7 @@ from torch.export import ExportedProgram
 from .program import ExportError
 
 INPUT_NAMES = ["images"]
+INPUT_DIMENSIONS = ("batch", "channels", "height", "width")
 OUTPUT_NAMES = ["logits", "boxes"]
 
 
@@ -36,6 +37,23 @@ def export_onnx(program: ExportedProgram, path: str) -> None:
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx_program.save(path, external_data=False)
+    name_input_dimensions(path, INPUT_DIMENSIONS)
+
+
+def name_input_dimensions(path: str, names) -> None:
+    """Gives the symbolic dimensions of the first input of the ONNX file at ``path`` the ``names``
+    (e.g. torch.export's ``s34`` becomes ``batch``), wherever inputs, outputs and value infos use them."""
+    import onnx
+
+    model = onnx.load(path)
+    graph = model.graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    renames = {dim.dim_param: name for dim, name in zip(dims, names) if dim.dim_param}
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+    onnx.save(model, path)
 
 
 def foreign_operators(path: str) -> List[str]:
