@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from cli import compose_config, run_tool
+from config_checks import check_config
+from config_schema import ExportConfig
 from deformable_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from deformable_detr.export import (
     Detections,
@@ -23,7 +25,7 @@ from deformable_detr.export import (
 from deformable_detr.export.verification import verify
 from deformable_detr.models import DeformableTransformer
 from deformable_detr.models.encoder import DeformableEncoder
-from deformable_detr.models.weights import recipe_of_model
+from deformable_detr.models.weights import OFFICIAL_EXPERIMENTS, recipe_of_model
 from deformable_detr_ops import library_loaded, ms_deform_attn_reference
 from deformable_detr_ops.testing import make_inputs
 from hydra.utils import instantiate
@@ -246,6 +248,13 @@ def test_a_changed_export_fails_the_check(small_onnx):
         model.class_embed[-1].weight.add_(torch.randn_like(model.class_embed[-1].weight) * 0.05)
     perturbed = verify(detector, exported, [batch])
     assert not perturbed.passed(0.99)
+
+
+@pytest.mark.parametrize("experiment", ["small", *OFFICIAL_EXPERIMENTS])
+def test_the_export_config_composes_with_every_recipe(experiment):
+    cfg = compose_config("export", [f"experiment={experiment}", "checkpoint=model.pth"])
+    check_config(cfg, ExportConfig)
+    assert cfg.format == "onnx" and cfg.min_match == 0.99 and cfg.device == "cpu"
 
 
 def test_user_mistakes_are_one_line_with_status_2(tmp_path):
