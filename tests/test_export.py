@@ -177,7 +177,7 @@ def test_op_translation_runs_in_onnxruntime_with_other_sizes(tmp_path):
 
 
 def write_images(directory):
-    """Three photos-to-be: two of one size (a batch of 2) and one of another (a batch of 1)."""
+    """Three images: two of one size (checked as a batch of 2) and one of another (a batch of 1)."""
     directory.mkdir()
     generator = np.random.default_rng(0)
     for name, (w, h) in (("a.png", (120, 90)), ("b.png", (120, 90)), ("c.png", (100, 100))):
