@@ -44,9 +44,11 @@ def overrode(overrides, *names) -> bool:
     return any(k == n or k.startswith(n + ".") or k.startswith(n + "@") for k in keys for n in names)
 
 
-def config_for_checkpoint(cfg: DictConfig, checkpoint, config_name: str = "eval") -> DictConfig:
-    """Fill in what the checkpoint knows and the command line did not say (``config_name``: the tool's root config)."""
+def config_for_checkpoint(cfg: DictConfig, checkpoint, config_name: Optional[str] = None) -> DictConfig:
+    """Fill in what the checkpoint knows and the command line did not say (``config_name``: the tool's
+    root config, default the running tool's)."""
     overrides = user_overrides()
+    config_name = config_name or HydraConfig.get().job.config_name
     if is_official(checkpoint):
         if overrode(overrides, "experiment", "model"):
             return cfg

@@ -156,6 +156,27 @@ class BenchmarkConfig:
     trainer: Any = MISSING
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING
+    format: str = "onnx"
+    input: Optional[str] = None
+    num_images: int = 4
+    batch_size: int = 2
+    min_match: float = 0.99
+    latency_runs: int = 5
+    name: str = "deformable_detr"
+    seed: int = 42
+    device: str = "cpu"
+    model: Any = MISSING
+    criterion: Any = MISSING
+    postprocess: Any = MISSING
+    dataset: DatasetNode = field(default_factory=DatasetNode)
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
@@ -163,6 +184,7 @@ def register() -> None:
     store.store(name="infer_schema", node=InferConfig)
     store.store(name="visualize_schema", node=VisualizeConfig)
     store.store(name="benchmark_schema", node=BenchmarkConfig)
+    store.store(name="export_schema", node=ExportConfig)
 
 
 register()

@@ -17,11 +17,11 @@ import sys
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from config_schema import EvalConfig  # importing registers the schemas
 import runtime
-from checkpoint_model import config_for_checkpoint
+from checkpoint_model import build_model, checkpoint_num_classes, config_for_checkpoint
 from config_checks import check_config
 
 from deformable_detr.errors import ConfigError
@@ -31,14 +31,7 @@ from deformable_detr.engine.evaluate_loop import evaluate
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.precision import AMP_DTYPES
 from deformable_detr.evaluation.coco_evaluator import write_json_atomic
-from deformable_detr.models.weights import (
-    Recipe,
-    convert_official_state_dict,
-    is_official,
-    load_weights,
-    read_checkpoint,
-    recipe_of_state_dict,
-)
+from deformable_detr.models.weights import read_checkpoint
 from deformable_detr.utils import distributed
 
 logger = runtime.logger
@@ -62,20 +55,10 @@ def run(cfg: DictConfig):
     root = runtime.dataset_root(data)
     val_set = runtime.build_dataset(data, "val", root, cfg.seed)
     loader = runtime.make_loader(val_set, data.eval_batch_size, data.num_workers, False, cfg.seed, device)
-    weights_recipe = Recipe(**checkpoint["recipe"]) if "recipe" in checkpoint else None
-    num_classes = data.num_classes or checkpoint.get("num_classes") or (weights_recipe and weights_recipe.num_classes)
-    if not num_classes:
-        state = convert_official_state_dict(checkpoint["model"]) if is_official(checkpoint) else checkpoint["model"]
-        num_classes = recipe_of_state_dict(state).num_classes or val_set.num_classes
+    num_classes = checkpoint_num_classes(cfg, checkpoint, val_set.num_classes)
     if val_set.num_classes > num_classes:
         logger.warning("the dataset has category ids up to %d but the model predicts %d classes", val_set.num_classes - 1, num_classes)
-
-    # the checkpoint supplies every weight: never fetch ImageNet weights for evaluation
-    with open_dict(cfg):
-        cfg.model.backbone.pretrained = False
-    model = instantiate(cfg.model, num_classes=num_classes).to(device)
-    report = load_weights(model, cfg.checkpoint, allow_new_classes=False, checkpoint=checkpoint)
-    logger.info("loaded %s (%s%s) on %s", cfg.checkpoint, "official " if report.official else "", report.recipe.name(), device)
+    model, _ = build_model(cfg, checkpoint, device, num_classes)
     # predictions carry only the val set's category ids (postprocess.restrict_to_dataset_categories)
     postprocess = instantiate(cfg.postprocess, category_ids=val_set.category_ids)
     evaluation = evaluate(model, postprocess, loader, val_set.coco, device, amp=cfg.amp)

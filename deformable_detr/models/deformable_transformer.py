@@ -3,7 +3,7 @@
 Legend: N batch, S = sum_l H_l * W_l tokens, C channels (d_model), L levels, Q queries.
 """
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -79,6 +79,16 @@ class DeformableTransformer(nn.Module):
         valid_w = torch.sum(~mask[:, 0, :], 1)
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
+    @staticmethod
+    def shapes_tensor(level_shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """(H_l, W_l) per level -> (L, 2) int64 ``spatial_shapes``.
+
+        Built from one scalar tensor per size rather than ``torch.as_tensor(level_shapes)``, which
+        ``torch.export`` can only trace by fixing the sizes to those of the example input.
+        """
+        sizes = [torch.scalar_tensor(size, dtype=torch.long, device=device) for shape in level_shapes for size in shape]
+        return torch.stack(sizes).view(len(level_shapes), 2)
+
     def proposal_pos_embed(self, proposals: torch.Tensor) -> torch.Tensor:
         """(N, Q, 4) unnormalized (logit) boxes -> (N, Q, 2C) sine embedding of the box (C/2 per coordinate)."""
         num_pos_feats, temperature, scale = self.d_model // 2, 10000, 2 * math.pi
@@ -88,22 +98,28 @@ class DeformableTransformer(nn.Module):
         pos = pos[:, :, :, None] / dim_t
         return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
 
-    def encoder_proposals(self, memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor):
+    def encoder_proposals(self, memory: torch.Tensor, padding_mask: torch.Tensor, level_shapes: Sequence[Tuple[int, int]]):
         """One proposal per encoder pixel: a box at the pixel centre, 0.05 * 2^level wide.
+
+        ``level_shapes``: (H_l, W_l) per level as Python ints (symbolic sizes under ``torch.export``);
+        an (L, 2) tensor is read on the host.
 
         Returns the projected memory (N, S, C) (padding and border pixels zeroed) and the proposals
         (N, S, 4) as logits, +inf where invalid (padding, or centre/size outside (0.01, 0.99)).
         """
+        if isinstance(level_shapes, torch.Tensor):
+            level_shapes = level_shapes.tolist()
         n = memory.shape[0]
         proposals = []
         start = 0
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(level_shapes):
             mask = padding_mask[:, start : start + h * w].view(n, h, w, 1)
             valid_h = torch.sum(~mask[:, :, 0, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :, 0], 1)
+            # pixel indices 0 .. h - 1: the same float32 numbers as linspace(0, h - 1, h), sized by h alone
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
@@ -150,27 +166,29 @@ class DeformableTransformer(nn.Module):
         """
         if len(srcs) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(srcs)}")
-        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
+        src_flatten, mask_flatten, pos_flatten, level_shapes = [], [], [], []
         for level, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
+            # sizes stay Python (or, under torch.export, symbolic) ints: nothing below reads a
+            # shape back from a tensor, which would make the graph depend on data
+            level_shapes.append((src.shape[-2], src.shape[-1]))
             src_flatten.append(src.flatten(2).transpose(1, 2))
             mask_flatten.append(mask.flatten(1))
             pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         pos_flatten = torch.cat(pos_flatten, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
+        spatial_shapes = self.shapes_tensor(level_shapes, src_flatten.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)
 
-        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten)
+        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten, level_shapes)
 
         n, _, c = memory.shape
         enc_class = enc_coord_unact = None
         if self.two_stage:
             if proposal_class_head is None or proposal_box_head is None or num_proposals is None:
                 raise ValueError("two-stage mode needs proposal_class_head, proposal_box_head and num_proposals")
-            output_memory, output_proposals = self.encoder_proposals(memory, mask_flatten, spatial_shapes)
+            output_memory, output_proposals = self.encoder_proposals(memory, mask_flatten, level_shapes)
             enc_class = proposal_class_head(output_memory)
             enc_coord_unact = proposal_box_head(output_memory) + output_proposals
             # rank proposals by their first-class (foreground) logit, as the encoder loss trains it

@@ -3,6 +3,7 @@
 Legend: N batch, S = sum_l H_l * W_l tokens, C channels, L levels.
 """
 import copy
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,21 +43,26 @@ class DeformableEncoder(nn.Module):
         self.num_layers = num_layers
 
     @staticmethod
-    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+    def reference_points(level_shapes: Sequence[Tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
         """Centres of the unpadded pixels of every level, seen from every level.
 
         Args:
-            spatial_shapes: (L, 2) (H_l, W_l).
+            level_shapes: (H_l, W_l) per level as Python ints (symbolic sizes under ``torch.export``);
+                an (L, 2) tensor is read on the host.
             valid_ratios: (N, L, 2) unpadded fraction (w, h) of each level.
         Returns:
             (N, S, L, 2) (x, y) in [0, 1] of the padded maps.
         """
+        if isinstance(level_shapes, torch.Tensor):
+            level_shapes = level_shapes.tolist()
         device = valid_ratios.device
         points = []
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(level_shapes):
+            # pixel centres 0.5, 1.5, ..., h - 0.5: exact in float32, the same numbers as
+            # linspace(0.5, h - 0.5, h), but sized by h alone so that it traces with a symbolic h
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             # normalize by the unpadded extent of this level, in [0, 1] of the valid image ...
@@ -67,9 +73,13 @@ class DeformableEncoder(nn.Module):
         # ... then map into each level's padded coordinates
         return points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask=None):
-        """src, pos (N, S, C); valid_ratios (N, L, 2); padding_mask (N, S) -> memory (N, S, C)."""
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask=None, level_shapes=None):
+        """src, pos (N, S, C); spatial_shapes (L, 2); valid_ratios (N, L, 2); padding_mask (N, S) -> memory (N, S, C).
+
+        ``level_shapes``, the (H_l, W_l) of ``spatial_shapes`` as Python (or symbolic) ints, spares
+        reading the tensor on the host, which ``torch.export`` cannot trace.
+        """
+        reference_points = self.reference_points(spatial_shapes if level_shapes is None else level_shapes, valid_ratios)
         output = src
         for layer in self.layers:
             output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
