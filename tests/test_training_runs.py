@@ -124,3 +124,16 @@ def test_an_elastic_restart_resumes_from_the_last_checkpoint(tmp_path, data_root
     assert "resumed from" in (run / "train.log").read_text()
     finished = torch.load(run / "checkpoint_last.pth", weights_only=True)
     assert (finished["epoch"], finished["step"]) == (2, 8)
+
+
+def test_ema_and_accumulation_under_two_processes(tmp_path, data_root):
+    run = tmp_path / "run"
+    launcher = TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
+    result = run_tool("train", *tiny(run, data_root, "trainer.epochs=1", "trainer.ema_decay=0.9", "trainer.accumulate_steps=2",
+                                     "dataset.batch_size=1"), launcher=launcher, timeout=900)
+    assert_ok(result)
+    state = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    # 8 images, 2 processes x 1 image x 2 micro-batches per optimizer step: 2 steps, each one EMA update
+    assert (state["step"], state["world_size"], state["batch_size"]) == (2, 2, 2)
+    assert int(state["ema"]["n_averaged"]) == 2
+    assert any(not torch.equal(state["ema"]["model"][k], state["model"][k]) for k in state["model"] if state["model"][k].is_floating_point())
