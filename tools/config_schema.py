@@ -46,68 +46,52 @@ DatasetNode = schema_of(DatasetSettings, target=True)
 
 
 @dataclass
-class TrainConfig:
+class RecipeConfig:
+    """What every tool's root config holds: the run's name and seed, the device, and the groups
+    that make up a recipe (model, criterion, post-processing, dataset, optimizer, schedule, trainer)."""
+
     name: str = "deformable_detr"
     seed: int = 42
     device: str = "auto"
+    model: Any = MISSING
+    criterion: Any = MISSING
+    postprocess: Any = MISSING
+    dataset: DatasetNode = field(default_factory=DatasetNode)
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+
+
+@dataclass
+class TrainConfig(RecipeConfig):
     resume: Optional[str] = "auto"
     init_weights: Optional[str] = None
     overwrite: bool = False
     find_unused_parameters: bool = False
-    model: Any = MISSING
-    criterion: Any = MISSING
-    postprocess: Any = MISSING
-    dataset: DatasetNode = field(default_factory=DatasetNode)
-    optimizer: Any = MISSING
-    schedule: Any = MISSING
-    trainer: Any = MISSING
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RecipeConfig):
     checkpoint: str = MISSING
-    name: str = "deformable_detr"
-    seed: int = 42
-    device: str = "auto"
     amp: Optional[str] = None
-    model: Any = MISSING
-    criterion: Any = MISSING
-    postprocess: Any = MISSING
-    dataset: DatasetNode = field(default_factory=DatasetNode)
-    optimizer: Any = MISSING
-    schedule: Any = MISSING
-    trainer: Any = MISSING
 
 
 @dataclass
-class InferConfig:
+class InferConfig(RecipeConfig):
     checkpoint: str = MISSING
     input: str = MISSING
-    name: str = "deformable_detr"
-    seed: int = 42
-    device: str = "auto"
     amp: Optional[str] = None
     batch_size: int = 2
     num_workers: int = 2
     score_threshold: float = 0.3
     skip_unreadable: bool = False
     picture_format: str = "png"
-    model: Any = MISSING
-    criterion: Any = MISSING
-    postprocess: Any = MISSING
-    dataset: DatasetNode = field(default_factory=DatasetNode)
-    optimizer: Any = MISSING
-    schedule: Any = MISSING
-    trainer: Any = MISSING
 
 
 @dataclass
-class VisualizeConfig:
+class VisualizeConfig(RecipeConfig):
     checkpoint: str = MISSING
     input: str = MISSING
-    name: str = "deformable_detr"
-    seed: int = 42
-    device: str = "auto"
     amp: Optional[str] = None
     layer: int = -1
     encoder_layer: int = -1
@@ -115,13 +99,6 @@ class VisualizeConfig:
     queries: Optional[List[int]] = None
     points: Optional[List[Any]] = None  # [[x, y], ...]; checked by tools/visualize.py
     colour_by: str = "level"
-    model: Any = MISSING
-    criterion: Any = MISSING
-    postprocess: Any = MISSING
-    dataset: DatasetNode = field(default_factory=DatasetNode)
-    optimizer: Any = MISSING
-    schedule: Any = MISSING
-    trainer: Any = MISSING
 
 
 @dataclass
@@ -134,10 +111,7 @@ class ProfileSettings:
 
 
 @dataclass
-class BenchmarkConfig:
-    name: str = "deformable_detr"
-    seed: int = 42
-    device: str = "auto"
+class BenchmarkConfig(RecipeConfig):
     num_classes: Optional[int] = None
     image_size: Optional[List[int]] = None
     measure: List[str] = field(default_factory=lambda: ["params", "flops", "inference", "training"])
@@ -148,16 +122,11 @@ class BenchmarkConfig:
     iterations: int = 3
     threads: int = 0
     profile: ProfileSettings = field(default_factory=ProfileSettings)
-    model: Any = MISSING
-    criterion: Any = MISSING
-    dataset: DatasetNode = field(default_factory=DatasetNode)
-    optimizer: Any = MISSING
-    schedule: Any = MISSING
-    trainer: Any = MISSING
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(RecipeConfig):
+    device: str = "cpu"
     checkpoint: str = MISSING
     format: str = "onnx"
     input: Optional[str] = None
@@ -165,16 +134,6 @@ class ExportConfig:
     batch_size: int = 2
     min_match: float = 0.99
     latency_runs: int = 5
-    name: str = "deformable_detr"
-    seed: int = 42
-    device: str = "cpu"
-    model: Any = MISSING
-    criterion: Any = MISSING
-    postprocess: Any = MISSING
-    dataset: DatasetNode = field(default_factory=DatasetNode)
-    optimizer: Any = MISSING
-    schedule: Any = MISSING
-    trainer: Any = MISSING
 
 
 def register() -> None:
