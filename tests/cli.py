@@ -70,3 +70,13 @@ def run_tool_in_process(tool, *overrides):
         for handler in handlers:
             root.addHandler(handler)
     return ToolResult(code, stdout.getvalue(), stderr.getvalue())
+
+
+def tiny(run_dir, data_root, *extra):
+    """Overrides of a run of the tiny test recipe on the CPU, with its synthetic set in ``data_root``."""
+    return ["experiment=tiny_test", "device=cpu", f"dataset.root={data_root}", f"hydra.run.dir={run_dir}", *extra]
+
+
+def assert_ok(result):
+    """A tool's run succeeded; otherwise show the end of its output."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from cli import run_tool, run_tool_in_process
+from cli import assert_ok, run_tool, run_tool_in_process
 from deformable_detr.data.image_files import list_image_files, read_image
 from deformable_detr.errors import DataError, MissingFileError
 from deformable_detr.visualization import draw_detections
@@ -39,10 +39,6 @@ def infer(checkpoint, source, run_dir, *extra, command=False):
     if command:
         return run_tool("infer", *arguments, *extra)
     return run_tool_in_process("infer", *arguments, "num_workers=0", *extra)
-
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def assert_one_line_error(result, *needles):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from cli import run_tool
+from cli import assert_ok, run_tool, tiny
 from deformable_detr.evaluation.coco_evaluator import STAT_NAMES
 
 
@@ -16,17 +16,9 @@ def data_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic") / "data")
 
 
-def tiny(run_dir, data_root, *extra):
-    return ["experiment=tiny_test", "device=cpu", f"dataset.root={data_root}", f"hydra.run.dir={run_dir}", *extra]
-
-
 def stats_of(metrics):
     """The 12 COCO stats of a metrics.json (which may also hold ``per_category``)."""
     return {name: metrics[name] for name in STAT_NAMES}
-
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_train_then_evaluate(tmp_path, data_root):

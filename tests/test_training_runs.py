@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from cli import ROOT, run_tool
+from cli import ROOT, assert_ok, run_tool, tiny
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -16,14 +16,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic") / "data")
-
-
-def tiny(run_dir, data_root, *extra):
-    return ["experiment=tiny_test", "device=cpu", f"dataset.root={data_root}", f"hydra.run.dir={run_dir}", *extra]
-
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def one_line_error(result, *fragments):

@@ -19,7 +19,7 @@ from deformable_detr.data import make_eval_transforms
 from deformable_detr.data.coco_categories import COCO_CATEGORIES
 from deformable_detr.data.synthetic_shapes import SHAPE_CATEGORIES
 from deformable_detr.engine.precision import AMP_DTYPES
-from deformable_detr.errors import CheckpointError, ConfigError, MissingFileError, UserError
+from deformable_detr.errors import CheckpointError, ConfigError
 from deformable_detr.models.category_mask import keep_categories
 from deformable_detr.models.weights import (
     OFFICIAL_EXPERIMENTS,
@@ -74,18 +74,6 @@ def config_for_checkpoint(cfg: DictConfig, checkpoint, config_name: Optional[str
     return cfg
 
 
-def read_user_checkpoint(path: str) -> Dict:
-    """``read_checkpoint`` with its failures as user errors (one line, exit status 2)."""
-    try:
-        return read_checkpoint(path)
-    except UserError:
-        raise
-    except FileNotFoundError as error:
-        raise MissingFileError(str(error)) from error
-    except ValueError as error:
-        raise CheckpointError(str(error)) from error
-
-
 def checkpoint_num_classes(cfg: DictConfig, checkpoint, fallback: Optional[int] = None) -> Optional[int]:
     """The class count to build: the config's, else the checkpoint's, else read off its class head, else ``fallback``."""
     recipe = Recipe(**checkpoint["recipe"]) if "recipe" in checkpoint else None
@@ -102,10 +90,7 @@ def build_model(cfg: DictConfig, checkpoint, device: torch.device, num_classes: 
     with open_dict(cfg):
         cfg.model.backbone.pretrained = False
     model = instantiate(cfg.model, num_classes=num_classes).to(device)
-    try:
-        report = load_weights(model, cfg.checkpoint, allow_new_classes=False, checkpoint=checkpoint)
-    except ValueError as error:
-        raise CheckpointError(str(error)) from error
+    report = load_weights(model, cfg.checkpoint, allow_new_classes=False, checkpoint=checkpoint)
     logger.info("loaded %s (%s%s) on %s", cfg.checkpoint, "official " if report.official else "", report.recipe.name(), device)
     return model.eval(), report
 
@@ -172,8 +157,8 @@ def load_predictor(cfg: DictConfig, config_name: str, schema: type) -> Predictor
     """
     if cfg.amp not in AMP_DTYPES:
         raise ConfigError(f"amp={cfg.amp} is not one of null, bf16, fp16")
-    device = runtime.single_device(cfg.device)
-    checkpoint = read_user_checkpoint(cfg.checkpoint)
+    device = torch.device(runtime.resolve_device(cfg.device))
+    checkpoint = read_checkpoint(cfg.checkpoint)
     cfg = config_for_checkpoint(cfg, checkpoint, config_name)
     check_config(cfg, schema)
     restrict = bool(cfg.postprocess.get("restrict_to_dataset_categories", True))

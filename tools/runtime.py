@@ -239,7 +239,3 @@ def build(node: DictConfig, **kwargs):
             raise cause from None
         raise
 
-
-def single_device(name: str) -> torch.device:
-    """``device=`` for a one-process tool (infer, visualize): auto, cpu, cuda or cuda:N, checked to exist."""
-    return torch.device(resolve_device(name))
