@@ -14,10 +14,13 @@ Measures (``measure=``):
     inference  images/s of the model's forward at each of ``inference_batch_sizes``
     training   images/s of optimizer steps (forward, losses, backward, clipping, AdamW) at
                ``training_batch_size``, and peak memory
+Speed is measured eager and compiled (``compile=[false,true]``: torch.compile of the detector,
+as ``trainer.compile=true`` trains; the first iteration's time, compilation included, is
+reported as ``first_iteration_seconds``).
     profile    milliseconds per training step by part (backbone, encoder, decoder, the op's
                forward and backward, matcher, loss, backward, optimizer), see ``profile.*``
 Each speed measurement runs in a fresh process (tools/benchmark_worker.py) for each of
-``precisions``; the median of ``iterations`` timed iterations after ``warmup`` is reported.
+``precisions`` and ``compile``; the median of ``iterations`` timed iterations after ``warmup`` is reported.
 Writes ``benchmark.json`` to hydra.run.dir after each measurement.
 """
 import json
@@ -37,6 +40,7 @@ import runtime
 from config_checks import ConfigError, check_config
 
 from deformable_detr.data.synthetic_shapes import SHAPE_CATEGORIES
+from deformable_detr.engine.compilation import check_compiler
 from deformable_detr.engine.flops import count_detector_flops
 from deformable_detr.errors import DeviceError
 from deformable_detr.evaluation.coco_evaluator import write_json_atomic
@@ -132,8 +136,6 @@ def measure_flops(model_cfg: DictConfig, num_classes: int, image_size: List[int]
 def run_worker(spec: Dict) -> Dict:
     """One measurement in a fresh interpreter; its result dictionary (or ``error``)."""
     environment = dict(os.environ)
-    # freed large blocks go straight back to the system, so the resident set follows the memory in use
-    environment.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(WORKER), environment.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, WORKER, json.dumps(spec)], env=environment, capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
@@ -162,12 +164,13 @@ def format_report(report: Dict) -> str:
         lines.append(f"| GMACs: deformable attention op (in encoder and decoder) | {report['flops_deformable_attention'] / 2e9:.2f} |")
     for mode in ("inference", "training"):
         for row in report.get(mode, []):
-            what = f"{mode} {row['precision']}, batch {row['batch']}"
+            what = f"{mode} {row['precision']}, batch {row['batch']}, {'compiled' if row.get('compile') else 'eager'}"
             if "error" in row:
                 lines.append(f"| {what} | error: {row['error']} |")
             else:
+                first = f", first iteration {row['first_iteration_seconds']:.3g} s" if row.get("first_iteration_seconds") else ""
                 lines.append(
-                    f"| {what} | {row['images_per_second']:.3g} images/s ({row['seconds_per_iteration']:.3g} s per batch), "
+                    f"| {what} | {row['images_per_second']:.3g} images/s ({row['seconds_per_iteration']:.3g} s per batch{first}), "
                     f"peak memory {row['peak_memory_mb']:,.0f} MiB |"
                 )
     profile = report.get("profile")
@@ -221,21 +224,26 @@ def run(cfg: DictConfig):
         logger.info("%.1f GMACs (%.1f GFLOPs) per %dx%d image", report["gmacs"], report["gflops"], *image_size)
         save()
 
+    if any(cfg.compile) and {"inference", "training"} & set(cfg.measure):
+        check_compiler(device)
     nodes = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "criterion", "optimizer")}
     base = dict(nodes, num_classes=num_classes, device=str(device), seed=cfg.seed, threads=cfg.threads)
     runs = [("inference", batch) for batch in cfg.inference_batch_sizes if "inference" in cfg.measure]
     runs += [("training", cfg.training_batch_size)] if "training" in cfg.measure else []
     for mode, batch in runs:
         for precision in cfg.precisions:
-            spec = dict(base, mode=mode, batch=batch, precision=precision, image_size=image_size, warmup=cfg.warmup, iterations=cfg.iterations)
-            logger.info("%s, %s, batch %d ...", mode, precision, batch)
-            result = run_worker(spec)
-            report.setdefault(mode, []).append(dict(precision=precision, batch=batch, warmup=cfg.warmup, iterations=cfg.iterations, **result))
+            for compiled in cfg.compile:
+                spec = dict(base, mode=mode, batch=batch, precision=precision, compile=bool(compiled), image_size=image_size,
+                            warmup=cfg.warmup, iterations=cfg.iterations)
+                logger.info("%s, %s, batch %d, %s ...", mode, precision, batch, "compiled" if compiled else "eager")
+                result = run_worker(spec)
+                report.setdefault(mode, []).append(dict(precision=precision, batch=batch, compile=bool(compiled), warmup=cfg.warmup,
+                                                        iterations=cfg.iterations, **result))
             logger.info("%s", result.get("error") or f"{result['images_per_second']:.3g} images/s, peak {result['peak_memory_mb']:,.0f} MiB")
             save()
     if "profile" in cfg.measure:
         settings = cfg.profile
-        spec = dict(base, mode="profile", batch=settings.batch_size, precision=settings.precision,
+        spec = dict(base, mode="profile", batch=settings.batch_size, precision=settings.precision, compile=False,
                     image_size=list(settings.image_size), warmup=settings.warmup, iterations=settings.steps)
         logger.info("profiling %d training steps ...", settings.steps)
         result = run_worker(spec)

@@ -4,23 +4,28 @@
 
 SPEC_JSON (written by tools/benchmark.py) holds ``mode`` (inference | training | profile), the
 resolved ``model``, ``criterion`` and ``optimizer`` config nodes, ``num_classes``, ``device``,
-``precision`` (fp32 | bf16 | fp16), ``batch``, ``image_size`` [H, W], ``warmup``, ``iterations``
-and ``seed``. Prints one JSON line: the result.
+``precision`` (fp32 | bf16 | fp16), ``compile`` (torch.compile the detector), ``batch``,
+``image_size`` [H, W], ``warmup``, ``iterations`` and ``seed``. Prints one JSON line: the result.
 
 Inputs are random: images (B, 3, H, W) from a normal distribution without padding, and for
-training 1 to 10 random boxes per image with random labels. Peak memory: on CUDA
-torch.cuda.max_memory_allocated; on the CPU the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) over the timed iterations, weights and inputs included.
+training 1 to 10 random boxes per image with random labels. Times are taken with the allocators
+as training runs them. Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed
+iterations; on the CPU the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over one more iteration after the timed ones, with glibc's malloc told to
+return freed blocks to the system at once (which slows it down, hence not while timing), so that
+the resident set follows the memory in use; weights and inputs included.
 """
+import ctypes
 import json
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from hydra.utils import instantiate
 
+from deformable_detr.engine.compilation import compile_detector
 from deformable_detr.engine.profiling import label_modules, step_breakdown
 from deformable_detr.engine.precision import AMP_DTYPES, outputs_to_float
 
@@ -47,6 +52,19 @@ def _reset_peak(device: torch.device) -> bool:
         return True
     except OSError:
         return False
+
+
+def _return_freed_memory() -> None:
+    """Make glibc's malloc hand freed blocks of 1 MiB and more back to the system at once (and trim
+    now), so the resident set follows the memory in use. Without glibc: left as it is."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 20)
+    libc.malloc_trim(0)
 
 
 def _peak_mib(device: torch.device) -> float:
@@ -82,6 +100,8 @@ class Session:
         self.device = torch.device(spec["device"])
         torch.manual_seed(spec["seed"])
         self.model = instantiate(spec["model"], num_classes=spec["num_classes"]).to(self.device)
+        # what is called; the matcher, losses and optimizer stay eager, as in training
+        self.forward = compile_detector(self.model) if spec.get("compile") else self.model
         self.amp_dtype = AMP_DTYPES[PRECISIONS[spec["precision"]]]
         generator = torch.Generator().manual_seed(spec["seed"])
         height, width = spec["image_size"]
@@ -107,13 +127,13 @@ class Session:
 
     def inference_step(self):
         with torch.inference_mode(), self._autocast():
-            self.model(self.images, self.masks)
+            self.forward(self.images, self.masks)
 
     def training_step(self):
         """One optimizer step as the train loop takes it: autocast forward, float32 losses,
         backward, clipping at the recipe's 0.1, step."""
         with self._autocast():
-            outputs = self.model(self.images, self.masks)
+            outputs = self.forward(self.images, self.masks)
         losses = self.criterion(outputs_to_float(outputs), self.targets)
         total = self.criterion.total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,24 +156,31 @@ class Session:
         (self.training_step if self.training else self.inference_step)()
 
 
-def measure_speed(spec: Dict) -> Dict:
-    session = Session(spec)
-    for _ in range(spec["warmup"]):
-        session.step()
+def timed(session: Session) -> float:
+    start = time.perf_counter()
+    session.step()
     session.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_speed(spec: Dict) -> Dict:
+    """``warmup`` untimed iterations (at least one when compiled: the first compiles), then the
+    timed ones, then (CPU) one more for the peak memory."""
+    session = Session(spec)
+    warmup = [timed(session) for _ in range(max(spec["warmup"], 1 if spec.get("compile") else 0))]
     if not _reset_peak(session.device):
         return {"error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
-    seconds: List[float] = []
-    for _ in range(spec["iterations"]):
-        start = time.perf_counter()
-        session.step()
-        session.synchronize()
-        seconds.append(time.perf_counter() - start)
+    seconds = [timed(session) for _ in range(spec["iterations"])]
+    if session.device.type == "cpu":
+        _return_freed_memory()
+        _reset_peak(session.device)
+        timed(session)
     median = statistics.median(seconds)
     return {
         "images_per_second": spec["batch"] / median,
         "seconds_per_iteration": median,
         "iteration_seconds": seconds,
+        "first_iteration_seconds": warmup[0] if warmup else None,
         "peak_memory_mb": _peak_mib(session.device),
     }
 

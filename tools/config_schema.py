@@ -74,6 +74,7 @@ class TrainConfig(RecipeConfig):
 class EvalConfig(RecipeConfig):
     checkpoint: str = MISSING
     amp: Optional[str] = None
+    compile: bool = False
 
 
 @dataclass
@@ -81,6 +82,7 @@ class InferConfig(RecipeConfig):
     checkpoint: str = MISSING
     input: str = MISSING
     amp: Optional[str] = None
+    compile: bool = False
     batch_size: int = 2
     num_workers: int = 2
     score_threshold: float = 0.3
@@ -116,6 +118,7 @@ class BenchmarkConfig(RecipeConfig):
     image_size: Optional[List[int]] = None
     measure: List[str] = field(default_factory=lambda: ["params", "flops", "inference", "training"])
     precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    compile: List[bool] = field(default_factory=lambda: [False, True])
     inference_batch_sizes: List[int] = field(default_factory=lambda: [1, 4])
     training_batch_size: int = 2
     warmup: int = 1

@@ -31,6 +31,7 @@ from deformable_detr.engine.evaluate_loop import evaluate
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.precision import AMP_DTYPES
 from deformable_detr.evaluation.coco_evaluator import write_json_atomic
+from deformable_detr.engine.compilation import check_compiler, compile_detector
 from deformable_detr.models.weights import read_checkpoint
 from deformable_detr.utils import distributed
 
@@ -42,6 +43,8 @@ def run(cfg: DictConfig):
         raise ConfigError(f"amp={cfg.amp} is not one of null, bf16, fp16")
     runtime.check_files_exist(cfg, ["checkpoint"])
     device = init_distributed(runtime.resolve_device(cfg.device))
+    if cfg.compile:
+        check_compiler(device)
     run_dir = runtime.run_directory()
     runtime.setup_logging(run_dir, "eval.log")
     seed_everything(cfg.seed)
@@ -59,6 +62,8 @@ def run(cfg: DictConfig):
     if val_set.num_classes > num_classes:
         logger.warning("the dataset has category ids up to %d but the model predicts %d classes", val_set.num_classes - 1, num_classes)
     model, _ = build_model(cfg, checkpoint, device, num_classes)
+    if cfg.compile:
+        model = compile_detector(model)
     # predictions carry only the val set's category ids (postprocess.restrict_to_dataset_categories)
     postprocess = instantiate(cfg.postprocess, category_ids=val_set.category_ids)
     evaluation = evaluate(model, postprocess, loader, val_set.coco, device, amp=cfg.amp)

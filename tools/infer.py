@@ -10,6 +10,7 @@ or ``.jpg``: boxes, class names and scores above ``score_threshold``) and ``pred
 image ``file_name``, ``path``, ``width``, ``height``, ``picture`` and ``detections``
 [{category_id, category_name, score, bbox [x, y, w, h] in original pixels}], best first.
 """
+import dataclasses
 import os
 import sys
 from typing import Dict, List
@@ -25,6 +26,7 @@ from config_checks import ConfigError
 
 from deformable_detr.data import collate
 from deformable_detr.data.image_files import ImageFiles, UnreadableImageFileError, list_image_files, read_image
+from deformable_detr.engine.compilation import check_compiler, compile_detector
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.evaluation.coco_evaluator import write_json_atomic
 from deformable_detr.utils.progress_bar import ProgressBar
@@ -71,6 +73,9 @@ def run(cfg: DictConfig):
     paths = list_image_files(str(cfg.input))
     predictor = load_predictor(cfg, "infer", InferConfig)
     cfg = predictor.cfg
+    if cfg.compile:
+        check_compiler(predictor.device)
+        predictor = dataclasses.replace(predictor, model=compile_detector(predictor.model))
     if cfg.picture_format not in ("png", "jpg"):
         raise ConfigError(f"picture_format={cfg.picture_format} is not one of png, jpg")
     if cfg.batch_size < 1:

@@ -33,8 +33,18 @@ def evaluate(
     Images the dataset skipped as unreadable (``skip_unreadable``) have no predictions; a batch
     of only such images is passed over (the ranks need not agree: no collective runs per
     batch), and their number, over all ranks, is logged as a warning at the end.
+
+    The model runs in eval mode and is returned to the mode it was in.
     """
+    was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, postprocess, loader, coco_gt, device, amp, log_every, on_batch)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, postprocess, loader, coco_gt, device, amp, log_every, on_batch) -> Optional[CocoEvaluation]:
     amp_dtype = AMP_DTYPES[amp]
     evaluator = CocoEvaluator(coco_gt)
     meter = ProgressMeter(len(loader), prefix="[eval]")

@@ -4,6 +4,9 @@ from typing import Dict, Iterable, List, Sequence
 import torch
 from torch import nn
 
+# device types with a fused AdamW kernel (torch.optim.AdamW(fused=True))
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
 
 def param_groups(
     model: nn.Module,
@@ -42,10 +45,13 @@ def build_optimizer(
     betas: Sequence[float] = (0.9, 0.999),
     fused: bool = True,
 ) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; the fused kernel when every parameter is on a GPU."""
+    """AdamW over ``param_groups``; with ``fused``, the fused kernel (one pass over all parameters
+    instead of a dozen element-wise operations per parameter) when every parameter is on a
+    device that has it: the CPU or a GPU."""
     groups = param_groups(model, lr, lr_backbone, lr_linear_proj_mult)
-    on_gpu = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=bool(fused and on_gpu) or None)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    supported = bool(devices) and devices <= set(FUSED_ADAMW_DEVICES)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=bool(fused and supported) or None)
 
 
 def build_scheduler(

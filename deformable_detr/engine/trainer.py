@@ -19,6 +19,7 @@ from ..utils import distributed
 from ..utils.box_ops import box_cxcywh_to_xyxy
 from ..visualization import denormalize, draw_detections, sampling_snapshot
 from .checkpoint import CheckpointKeeper
+from .compilation import check_compiler, compile_detector, compiled_graphs
 from .evaluate_loop import evaluate
 from .progress import TrainingProgress
 from .rng import rng_state, set_rng_state
@@ -42,6 +43,8 @@ class TrainerSettings:
     ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.9998),
     updated after every optimizer step and used for evaluation (None: off). accumulate_steps:
     batches per optimizer step (gradient accumulation; the schedule counts optimizer steps).
+    compile: train and evaluate through ``torch.compile`` of the detector (see
+    ``compilation.compile_detector``; the matcher and losses run eagerly).
     """
 
     epochs: int = 50
@@ -57,6 +60,7 @@ class TrainerSettings:
     score_threshold: float = 0.3
     ema_decay: Optional[float] = None
     accumulate_steps: int = 1
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.accumulate_steps < 1:
@@ -204,6 +208,12 @@ class Trainer:
         if settings.ema_decay is not None:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
             logger.info("keeping an EMA of the weights (decay %g); evaluations use it", settings.ema_decay)
+        self.compiled_for_evaluation: Dict[int, torch.nn.Module] = {}
+        if settings.compile:
+            check_compiler(device, "trainer.compile")
+            self.train_model = compile_detector(self.train_model)
+            logger.info("trainer.compile: training and evaluating through torch.compile (the first step and "
+                        "evaluation compile; image sizes are dynamic)")
         self.train_step = TrainStep(
             self.train_model, self.criterion, self.optimizer, self.scheduler, device, amp=settings.amp, scaler=self.scaler,
             max_norm=settings.clip_max_norm, ema=self.ema, max_nonfinite_steps=settings.max_nonfinite_steps,
@@ -344,7 +354,10 @@ class Trainer:
         epoch_start = time.perf_counter()
         stopped = False
         for micro_batches in _groups(self.train_loader, self.accumulate):
+            step_start = time.perf_counter()
             result = self.train_step.accumulate(micro_batches)
+            if self.settings.compile and self.epoch_step == 0 and self.epoch == 0:
+                logger.info("first training step: %.1f s (compilation included)", time.perf_counter() - step_start)
             self.step += 1
             self.epoch_step += 1
             self.progress.update(result, self.step, self.epoch_step, self.optimizer)
@@ -356,6 +369,9 @@ class Trainer:
             if self.settings.checkpoint_every_steps and self.step % self.settings.checkpoint_every_steps == 0:
                 self.save(finished_epoch=False)
         averages = self.progress.end_epoch()
+        if self.settings.compile:
+            # a count that grows every epoch would mean recompiling for new image sizes
+            logger.info("torch.compile: %d graph(s) compiled so far", compiled_graphs())
         if stopped or self.epoch_step < self.steps_per_epoch:
             return False
         skipped = getattr(self.train_loader.dataset, "skipped", None)
@@ -369,6 +385,7 @@ class Trainer:
 
     def _start_epoch(self) -> None:
         """Position the data at ``epoch_step`` of ``epoch``, exactly as an uninterrupted run would be."""
+        self.train_model.train()  # an evaluation left the model in eval mode
         loader = self.train_loader
         loader.dataset.set_epoch(self.epoch)
         loader.sampler.set_epoch(self.epoch, start=self.epoch_step * self.batch_size)
@@ -401,8 +418,7 @@ class Trainer:
                     drawn.append((image.cpu(), mask.cpu(), {k: v.cpu() for k, v in target.items()}, {k: v.cpu() for k, v in result.items()}))
 
         started = time.perf_counter()
-        model = self.ema.module if self.ema is not None else self.model
-        evaluation = evaluate(model, self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
+        evaluation = evaluate(self._evaluation_model(), self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
         self.progress.evaluation_seconds = time.perf_counter() - started
         if evaluation is None:
             return None
@@ -423,6 +439,15 @@ class Trainer:
                 self._draw(index, image, mask, target, result)
             self.writer.flush()
         return evaluation.stats
+
+    def _evaluation_model(self) -> torch.nn.Module:
+        """The weights evaluations use (the EMA's when kept), compiled once with ``compile``."""
+        model = self.ema.module if self.ema is not None else self.model
+        if not self.settings.compile:
+            return model
+        if id(model) not in self.compiled_for_evaluation:
+            self.compiled_for_evaluation[id(model)] = compile_detector(model)
+        return self.compiled_for_evaluation[id(model)]
 
     def last_stats(self) -> Optional[Dict[str, float]]:
         return self.last_evaluation.stats if self.last_evaluation is not None else None

@@ -50,6 +50,10 @@ class Backbone(nn.Module):
             (GroupNorm, 32 groups).
         trainable_layers: how many of layer4, layer3, layer2, layer1, stem train (0-5), counted from
             layer4 as in torchvision's detection models.
+        channels_last: keep the convolution weights and activations in channels-last (NHWC)
+            memory layout, which oneDNN (CPU) and cuDNN (tensor cores) convolve fastest; the same
+            function, a different layout. The returned maps are then channels-last too, which
+            also makes the transformer's flattening of them into tokens (B, H*W, C) a view.
     Attributes:
         strides: stride of each returned map, e.g. [8, 16, 32].
         num_channels: channels of each returned map, e.g. [512, 1024, 2048].
@@ -64,6 +68,7 @@ class Backbone(nn.Module):
         pretrained: Union[bool, str] = False,
         norm: str = "frozen_bn",
         trainable_layers: int = 3,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.name = name
@@ -99,12 +104,18 @@ class Backbone(nn.Module):
         if dilation:
             self.strides[-1] //= 2
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+        self.channels_last = channels_last
+        if channels_last:
+            # parameters keep this layout through load_state_dict, .to(dtype) and optimizers
+            self.body.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor):
         """images (B, 3, H, W), mask (B, H, W) bool, True on padding.
 
         Returns a list of (feature (B, C_l, H_l, W_l), mask (B, H_l, W_l)) from the finest level up.
         """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features: Dict[str, torch.Tensor] = self.body(images)
         out = []
         for key in sorted(features):
