@@ -115,7 +115,7 @@ def test_step_breakdown_counts_nested_ranges_once():
 def test_end_to_end_on_a_tiny_model(tmp_path):
     result = run_tool(
         "benchmark", "experiment=tiny_test", "device=cpu", "image_size=[64,64]", "warmup=0", "iterations=1",
-        "precisions=[fp32]", "inference_batch_sizes=[1]", "training_batch_size=1",
+        "precisions=[fp32]", "compile=[false]", "inference_batch_sizes=[1]", "training_batch_size=1",
         "measure=[params,flops,inference,training,profile]", "profile.image_size=[64,64]", "profile.batch_size=1",
         "profile.warmup=0", "profile.steps=1", f"hydra.run.dir={tmp_path}",
     )
@@ -128,7 +128,22 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
         assert row["images_per_second"] > 0 and row["peak_memory_mb"] > 0
     profile = report["profile"]["milliseconds_per_step"]
     assert profile["step"] > 0 and profile["backbone"] > 0 and profile["matcher"] > 0
-    assert "| training fp32, batch 1 |" in result.stdout
+    assert "| training fp32, batch 1, eager |" in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_speed_is_reported_with_its_first_iteration(tmp_path):
+    result = run_tool(
+        "benchmark", "experiment=tiny_test", "device=cpu", "image_size=[64,64]", "warmup=0", "iterations=2",
+        "precisions=[fp32]", "compile=[false,true]", "inference_batch_sizes=[1]", "measure=[inference]", f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    eager, compiled = json.loads((tmp_path / "benchmark.json").read_text())["inference"]
+    assert (eager["compile"], compiled["compile"]) == (False, True)
+    assert "error" not in compiled and compiled["images_per_second"] > 0
+    # the first iteration (compilation) is left out of the timed ones even without warmup
+    assert eager["first_iteration_seconds"] is None and compiled["first_iteration_seconds"] > max(compiled["iteration_seconds"])
+    assert "| inference fp32, batch 1, compiled |" in result.stdout and "first iteration" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,9 @@ Measures (``measure=``):
     training   images/s of optimizer steps (forward, losses, backward, clipping, AdamW) at
                ``training_batch_size``, and peak memory
 Speed is measured eager and compiled (``compile=[false,true]``: torch.compile of the detector,
-as ``trainer.compile=true`` trains; the first iteration's time, compilation included, is
-reported as ``first_iteration_seconds``).
+as ``trainer.compile=true`` trains, but for this one input size: static shapes, which compile
+much faster than the dynamic ones training uses; the first iteration's time, compilation
+included, is reported as ``first_iteration_seconds``).
     profile    milliseconds per training step by part (backbone, encoder, decoder, the op's
                forward and backward, matcher, loss, backward, optimizer), see ``profile.*``
 Each speed measurement runs in a fresh process (tools/benchmark_worker.py) for each of
@@ -239,8 +240,8 @@ def run(cfg: DictConfig):
                 result = run_worker(spec)
                 report.setdefault(mode, []).append(dict(precision=precision, batch=batch, compile=bool(compiled), warmup=cfg.warmup,
                                                         iterations=cfg.iterations, **result))
-            logger.info("%s", result.get("error") or f"{result['images_per_second']:.3g} images/s, peak {result['peak_memory_mb']:,.0f} MiB")
-            save()
+                logger.info("%s", result.get("error") or f"{result['images_per_second']:.3g} images/s, peak {result['peak_memory_mb']:,.0f} MiB")
+                save()
     if "profile" in cfg.measure:
         settings = cfg.profile
         spec = dict(base, mode="profile", batch=settings.batch_size, precision=settings.precision, compile=False,

@@ -100,8 +100,9 @@ class Session:
         self.device = torch.device(spec["device"])
         torch.manual_seed(spec["seed"])
         self.model = instantiate(spec["model"], num_classes=spec["num_classes"]).to(self.device)
-        # what is called; the matcher, losses and optimizer stay eager, as in training
-        self.forward = compile_detector(self.model) if spec.get("compile") else self.model
+        # what is called; the matcher, losses and optimizer stay eager, as in training. Every
+        # iteration has the same input size: static shapes (dynamic ones compile far longer)
+        self.forward = compile_detector(self.model, dynamic=False) if spec.get("compile") else self.model
         self.amp_dtype = AMP_DTYPES[PRECISIONS[spec["precision"]]]
         generator = torch.Generator().manual_seed(spec["seed"])
         height, width = spec["image_size"]

@@ -46,7 +46,8 @@ class TrainStep:
     and decides what follows.
 
     Args:
-        model: the module to train (e.g. a DistributedDataParallel wrapper of the detector).
+        model: the module to train (e.g. a DistributedDataParallel wrapper of the detector, or
+            the ``torch.compile`` wrapper of either).
         criterion: outputs, targets -> loss dict, with ``total_loss(losses)`` and ``normalizer(targets, device)``.
         optimizer, scheduler: stepped once per call (the schedule also over skipped steps, so an
             epoch keeps its length in steps).
@@ -67,7 +68,8 @@ class TrainStep:
         self.describe_images = describe_images or (lambda ids: ", ".join(map(str, ids)))
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.nonfinite_in_a_row = 0
-        self.detector = model.module if hasattr(model, "no_sync") else model
+        unwrapped = getattr(model, "_orig_mod", model)  # torch.compile's wrapper shares the module's weights
+        self.detector = unwrapped.module if hasattr(unwrapped, "no_sync") else unwrapped
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor, targets: List[Dict]) -> StepResult:
         """One batch: images (B, 3, H, W), masks (B, H, W) True on padding, targets: one dict per image."""

@@ -209,6 +209,7 @@ class Trainer:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
             logger.info("keeping an EMA of the weights (decay %g); evaluations use it", settings.ema_decay)
         self.compiled_for_evaluation: Dict[int, torch.nn.Module] = {}
+        self.first_step_reported = False
         if settings.compile:
             check_compiler(device, "trainer.compile")
             self.train_model = compile_detector(self.train_model)
@@ -356,7 +357,8 @@ class Trainer:
         for micro_batches in _groups(self.train_loader, self.accumulate):
             step_start = time.perf_counter()
             result = self.train_step.accumulate(micro_batches)
-            if self.settings.compile and self.epoch_step == 0 and self.epoch == 0:
+            if self.settings.compile and not self.first_step_reported:
+                self.first_step_reported = True
                 logger.info("first training step: %.1f s (compilation included)", time.perf_counter() - step_start)
             self.step += 1
             self.epoch_step += 1
