@@ -14,15 +14,15 @@ Measures (``measure=``):
     inference  images/s of the model's forward at each of ``inference_batch_sizes``
     training   images/s of optimizer steps (forward, losses, backward, clipping, AdamW) at
                ``training_batch_size``, and peak memory
-Speed is measured eager and compiled (``compile=[false,true]``: torch.compile of the detector,
-as ``trainer.compile=true`` trains, but for this one input size: static shapes, which compile
-much faster than the dynamic ones training uses; the first iteration's time, compilation
-included, is reported as ``first_iteration_seconds``).
     profile    milliseconds per training step by part (backbone, encoder, decoder, the op's
                forward and backward, matcher, loss, backward, optimizer), see ``profile.*``
 Each speed measurement runs in a fresh process (tools/benchmark_worker.py) for each of
 ``precisions`` and ``compile``; the median of ``iterations`` timed iterations after ``warmup`` is reported.
 Writes ``benchmark.json`` to hydra.run.dir after each measurement.
+Speed is measured eager and compiled (``compile=[false,true]``: torch.compile of the detector,
+as ``trainer.compile=true`` trains, but for this one input size: static shapes, which compile
+much faster than the dynamic ones training uses; the first iteration's time, compilation
+included, is reported as ``first_iteration_seconds``).
 """
 import json
 import os

@@ -27,11 +27,11 @@ from config_checks import check_config
 from deformable_detr.errors import ConfigError
 
 from deformable_detr.engine.distributed import init_distributed
+from deformable_detr.engine.compilation import check_compiler, compile_detector
 from deformable_detr.engine.evaluate_loop import evaluate
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.precision import AMP_DTYPES
 from deformable_detr.evaluation.coco_evaluator import write_json_atomic
-from deformable_detr.engine.compilation import check_compiler, compile_detector
 from deformable_detr.models.weights import read_checkpoint
 from deformable_detr.utils import distributed
 

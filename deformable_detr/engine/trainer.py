@@ -208,11 +208,13 @@ class Trainer:
         if settings.ema_decay is not None:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
             logger.info("keeping an EMA of the weights (decay %g); evaluations use it", settings.ema_decay)
-        self.compiled_for_evaluation: Dict[int, torch.nn.Module] = {}
+        # the weights evaluations use (the EMA's when kept), through their own compiled wrapper
+        self.evaluation_model = self.ema.module if self.ema is not None else self.model
         self.first_step_reported = False
         if settings.compile:
             check_compiler(device, "trainer.compile")
             self.train_model = compile_detector(self.train_model)
+            self.evaluation_model = compile_detector(self.evaluation_model)
             logger.info("trainer.compile: training and evaluating through torch.compile (the first step and "
                         "evaluation compile; image sizes are dynamic)")
         self.train_step = TrainStep(
@@ -420,7 +422,7 @@ class Trainer:
                     drawn.append((image.cpu(), mask.cpu(), {k: v.cpu() for k, v in target.items()}, {k: v.cpu() for k, v in result.items()}))
 
         started = time.perf_counter()
-        evaluation = evaluate(self._evaluation_model(), self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
+        evaluation = evaluate(self.evaluation_model, self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
         self.progress.evaluation_seconds = time.perf_counter() - started
         if evaluation is None:
             return None
@@ -441,15 +443,6 @@ class Trainer:
                 self._draw(index, image, mask, target, result)
             self.writer.flush()
         return evaluation.stats
-
-    def _evaluation_model(self) -> torch.nn.Module:
-        """The weights evaluations use (the EMA's when kept), compiled once with ``compile``."""
-        model = self.ema.module if self.ema is not None else self.model
-        if not self.settings.compile:
-            return model
-        if id(model) not in self.compiled_for_evaluation:
-            self.compiled_for_evaluation[id(model)] = compile_detector(model)
-        return self.compiled_for_evaluation[id(model)]
 
     def last_stats(self) -> Optional[Dict[str, float]]:
         return self.last_evaluation.stats if self.last_evaluation is not None else None
