@@ -4,6 +4,8 @@ and a pure-PyTorch reference.
     from deformable_detr_ops import ms_deform_attn
     output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
+``dropout`` is ``torch.nn.functional.dropout`` with a one-pass CPU kernel (ops/hash_dropout.py).
+
 Importing never fails: without a usable build, one warning says how to build and
 everything runs the reference.
 """
@@ -17,12 +19,16 @@ from .dispatch import (
     ms_deform_attn,
 )
 from .reference import ms_deform_attn_reference
+from .hash_dropout import dropout, register as _register_dropout
+
+_register_dropout()
 
 __all__ = [
     "BUILD_HINT",
     "IMPLEMENTATIONS",
     "KERNEL_DTYPES",
     "available_implementations",
+    "dropout",
     "implementation_for",
     "kernel_available",
     "library_error",

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 DEFAULT_ARCHES = ["7.0", "7.5", "8.0", "8.6", "8.9", "9.0"]
-SOURCES = ["ops/csrc/library.cpp", "ops/csrc/ms_deform_attn_cpu.cpp"]
+SOURCES = ["ops/csrc/library.cpp", "ops/csrc/ms_deform_attn_cpu.cpp", "ops/csrc/hash_dropout_cpu.cpp"]
 CUDA_SOURCES = ["ops/csrc/ms_deform_attn_cuda.cu"]
 EXTENSION_NAME = "deformable_detr_ops._C"
 

@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from cli import run_tool
 from official_files import PUBLIC_CASE, public_case_checkpoint
 
@@ -22,14 +24,19 @@ def matched_fraction(reference, candidate):
     return hits / len(reference)
 
 
-def test_public_case_matches_the_official_detections(tmp_path):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_public_case_matches_the_official_detections(tmp_path, compiled):
+    """compiled: the same through torch.compile's generated code (inductor, dynamic sizes)."""
     checkpoint = public_case_checkpoint(str(tmp_path / "single_scale.pth"))
     run = tmp_path / "run"
     result = run_tool(
         "eval", "experiment=r50_deformable_detr_single_scale", f"checkpoint={checkpoint}", "dataset=coco",
         f"dataset.root={os.path.join(PUBLIC_CASE, 'minicoco')}", f"hydra.run.dir={run}", "device=cpu",
+        f"compile={str(compiled).lower()}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    compiled_line = [line for line in (run / "eval.log").read_text().splitlines() if "torch.compile: " in line]
+    assert bool(compiled_line) == compiled and (not compiled or " 0 graph" not in compiled_line[0])
     reference = json.loads(open(os.path.join(PUBLIC_CASE, "r50_deformable_detr_single_scale.detections.json")).read())
     candidate = json.loads((run / "predictions.json").read_text())
     assert len(candidate) == len(reference) == 200

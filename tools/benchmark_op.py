@@ -8,6 +8,9 @@ Workloads (Deformable DETR, 8 heads x 32 channels, 4 levels x 4 points):
     encoder  levels 100x134, 50x67, 25x34, 13x17 (17,821 tokens), one query per token,
              reference points at the token centres
     decoder  the same value, 300 queries with uniform reference points
+    dropout  not this op: the transformer's dropout (p = 0.1) on the encoder's feed-forward
+             activations (17,821 tokens x 1024), deformable_detr_ops.dropout ("kernel") against
+             torch.nn.functional.dropout ("reference")
 Sampling locations are the reference point plus Gaussian offsets of --spread pixels of each
 level (how a trained model samples); --spread 0 draws them uniformly in [0, 1] instead.
 
@@ -31,6 +34,7 @@ LEVELS = [(100, 134), (50, 67), (25, 34), (13, 17)]
 HEADS, CHANNELS, POINTS = 8, 32, 4
 DECODER_QUERIES = 300
 IMPLEMENTATIONS = ("reference", "kernel")
+FFN_CHANNELS, DROPOUT = 1024, 0.1
 
 
 # ---------------------------------------------------------------- worker (one measurement per process)
@@ -60,6 +64,11 @@ def _make_workload(spec):
 
     shapes = torch.tensor(LEVELS)
     tokens = int(shapes.prod(1).sum())
+    if spec["workload"] == "dropout":
+        generator = torch.Generator(device=spec["device"]).manual_seed(0)
+        options = dict(dtype=getattr(torch, spec["dtype"]), device=spec["device"], generator=generator)
+        activations = torch.randn(spec["batch"], tokens, FFN_CHANNELS, **options)
+        return [activations.requires_grad_()], torch.randn(activations.shape, **options)
     if spec["workload"] == "encoder":
         queries, reference_points = tokens, token_centres(shapes)
     else:
@@ -78,16 +87,24 @@ def _worker(spec):
     import torch
 
     import deformable_detr_ops as ops
+    from deformable_detr_ops.hash_dropout import kernel_loaded
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     cuda = spec["device"] == "cuda"
     inputs, grad_output = _make_workload(spec)
     implementation = spec["implementation"]
-    if implementation == "kernel" and not ops.kernel_available(spec["device"], inputs[0].dtype):
+    if spec["workload"] == "dropout":
+        if implementation == "kernel" and not (kernel_loaded() and spec["device"] == "cpu"):
+            return {"error": f"no kernel ({ops.library_error() or 'CPU only, or a build from before it'})"}
+    elif implementation == "kernel" and not ops.kernel_available(spec["device"], inputs[0].dtype):
         return {"error": f"no kernel ({ops.library_error() or 'not built for this device or dtype'})"}
 
     def forward():
+        if spec["workload"] == "dropout":
+            if implementation == "kernel":
+                return ops.dropout(inputs[0], DROPOUT)
+            return torch.nn.functional.dropout(inputs[0], DROPOUT, True)
         return ops.ms_deform_attn(*inputs, implementation=implementation)
 
     def synchronize():
@@ -180,7 +197,7 @@ def main():
                         help="devices to measure (default: cpu, and cuda when a GPU is visible)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--batch", nargs="+", type=int, default=[2, 8])
-    parser.add_argument("--workloads", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder"])
+    parser.add_argument("--workloads", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder", "dropout"])
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up run")
     parser.add_argument("--spread", type=float, default=2.0,

@@ -27,7 +27,7 @@ from config_checks import check_config
 from deformable_detr.errors import ConfigError
 
 from deformable_detr.engine.distributed import init_distributed
-from deformable_detr.engine.compilation import check_compiler, compile_detector
+from deformable_detr.engine.compilation import check_compiler, compile_detector, compiled_graphs
 from deformable_detr.engine.evaluate_loop import evaluate
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.precision import AMP_DTYPES
@@ -67,6 +67,8 @@ def run(cfg: DictConfig):
     # predictions carry only the val set's category ids (postprocess.restrict_to_dataset_categories)
     postprocess = instantiate(cfg.postprocess, category_ids=val_set.category_ids)
     evaluation = evaluate(model, postprocess, loader, val_set.coco, device, amp=cfg.amp)
+    if cfg.compile:
+        logger.info("torch.compile: %d graph(s) compiled", compiled_graphs())
     if evaluation is None:
         return None
     write_json_atomic(os.path.join(run_dir, "predictions.json"), evaluation.predictions)

@@ -1,6 +1,6 @@
 // Operator schemas of the deformable_attention library and the Python module
 // that loads them (import ops._C). Kernels are registered per device in
-// ms_deform_attn_cpu.cpp and ms_deform_attn_cuda.cu; autograd and the fake
+// ms_deform_attn_cpu.cpp, ms_deform_attn_cuda.cu and hash_dropout_cpu.cpp; autograd and the fake
 // (shape-only) implementations are registered from Python (ops/kernel.py).
 #include <Python.h>
 #include <torch/library.h>
@@ -20,6 +20,9 @@ TORCH_LIBRARY(deformable_attention, m) {
   m.def(
       "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output) -> (Tensor, Tensor, Tensor)");
+  // Dropout whose mask is a hash of (seed, element index), CPU (hash_dropout_cpu.cpp): input of
+  // any shape and floating dtype, seed () int64 -> the input's shape, contiguous. Its own backward.
+  m.def("hash_dropout(Tensor input, Tensor seed, float p) -> Tensor");
 }
 
 static struct PyModuleDef module_definition = {
