@@ -71,6 +71,10 @@ def test_edge_probabilities():
     x = torch.randn(1000)
     assert torch.equal(kernel(x, 3, 0.0), x)
     assert torch.equal(kernel(x, 3, 1.0), torch.zeros_like(x))
+    # p * 2^32 rounds to 2^32: nothing is kept (the threshold must not wrap around to 0)
+    assert torch.equal(kernel(x, 3, 1 - 1e-12), torch.zeros_like(x))
+    assert torch.equal(hash_dropout_reference(x, torch.tensor(3), 1 - 1e-12), torch.zeros_like(x))
+    assert kernel(torch.empty(0, 4), 3, 0.5).shape == (0, 4)
     assert ops.dropout(x, 0.3, training=False) is x and ops.dropout(x, 0.0) is x
     with pytest.raises(ValueError, match="between 0 and 1"):
         ops.dropout(x, 1.5)

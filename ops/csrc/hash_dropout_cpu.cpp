@@ -125,13 +125,15 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p
   TORCH_CHECK(input.is_floating_point(), "hash_dropout: input must be floating point, got ", input.scalar_type());
   const at::Tensor source = input.contiguous();
   at::Tensor output = at::empty(source.sizes(), source.options());
-  if (p >= 1.0) {
+  // keep when the 32 hash bits are >= threshold: P(keep) = 1 - threshold / 2^32; a p within
+  // 2^-33 of 1 rounds to 2^32, which no 32 bits reach
+  const int64_t rounded = std::llround(p * 4294967296.0);
+  if (rounded >= (int64_t(1) << 32)) {
     return output.zero_();
   }
+  const uint32_t threshold = static_cast<uint32_t>(rounded);
   const int64_t n = source.numel();
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
-  // keep when the 32 hash bits are >= threshold: P(keep) = 1 - threshold / 2^32
-  const uint32_t threshold = static_cast<uint32_t>(std::llround(p * 4294967296.0));
   const Isa chosen = isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "hash_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
