@@ -19,14 +19,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define HASH_DROPOUT_X86 1
-#else
-#define HASH_DROPOUT_X86 0
-#endif
+#include "cpu_isa.h"
 
 // Inlined into each instruction-set variant below, so that each vectorizes it for its own set.
 #if defined(__GNUC__) || defined(__clang__)
@@ -37,6 +31,9 @@
 
 namespace hash_dropout {
 namespace {
+
+using ms_deform_attn::cpu_isa;
+using ms_deform_attn::Isa;
 
 // Pairs of elements per parallel task: large enough that waking a thread pays.
 constexpr int64_t kGrainPairs = int64_t(1) << 15;
@@ -69,15 +66,9 @@ HASH_DROPOUT_INLINE void pairs(const scalar_t* input, scalar_t* output, int64_t 
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void pairs_baseline(const scalar_t* input, scalar_t* output, int64_t begin, int64_t end, int64_t n, uint64_t seed,
-                    uint32_t threshold, acc_t scale) {
-  pairs(input, output, begin, end, n, seed, threshold, scale);
-}
-
 // The same loop compiled for AVX2 and for AVX-512 (whose 64-bit multiplies make the hash
-// 1.6x faster than AVX2's emulated ones on a 15M-element tensor), picked at run time.
-#if HASH_DROPOUT_X86
+// 1.6x faster than AVX2's emulated ones on a 15M-element tensor), picked by cpu_isa().
+#if MSDA_X86
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void pairs_avx2(const scalar_t* input, scalar_t* output, int64_t begin,
                                                     int64_t end, int64_t n, uint64_t seed, uint32_t threshold,
@@ -92,31 +83,6 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void pairs_avx512(
   pairs(input, output, begin, end, n, seed, threshold, scale);
 }
 #endif
-
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-// The widest instruction set of this CPU, or less where MS_DEFORM_ATTN_CPU_ISA says so
-// (baseline or avx2: to test those loops on a wider machine).
-Isa isa() {
-  static const Isa chosen = [] {
-#if HASH_DROPOUT_X86
-    const char* forced = std::getenv("MS_DEFORM_ATTN_CPU_ISA");
-    const bool baseline = forced != nullptr && std::strcmp(forced, "baseline") == 0;
-    const bool at_most_avx2 = forced != nullptr && std::strcmp(forced, "avx2") == 0;
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                        __builtin_cpu_supports("avx512vl");
-    if (baseline || !avx2) {
-      return Isa::kBaseline;
-    }
-    return (avx512 && !at_most_avx2) ? Isa::kAvx512 : Isa::kAvx2;
-#else
-    return Isa::kBaseline;
-#endif
-  }();
-  return chosen;
-}
 
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p) {
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "hash_dropout: p must be in [0, 1], got ", p);
@@ -134,14 +100,14 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p
   const uint32_t threshold = static_cast<uint32_t>(rounded);
   const int64_t n = source.numel();
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
-  const Isa chosen = isa();
+  const Isa chosen = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "hash_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
     const scalar_t* in = source.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, (n + 1) / 2, kGrainPairs, [&](int64_t begin, int64_t end) {
-#if HASH_DROPOUT_X86
+#if MSDA_X86
       if (chosen == Isa::kAvx512) {
         pairs_avx512<scalar_t, acc_t>(in, out, begin, end, n, key, threshold, scale);
         return;
@@ -151,7 +117,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p
         return;
       }
 #endif
-      pairs_baseline<scalar_t, acc_t>(in, out, begin, end, n, key, threshold, scale);
+      pairs<scalar_t, acc_t>(in, out, begin, end, n, key, threshold, scale);
     });
     (void)chosen;
   });

@@ -16,15 +16,8 @@
 
 #include "bilinear.h"
 #include "checks.h"
+#include "cpu_isa.h"
 #include "cpu_loops.h"
-
-// On x86-64 the loops are also compiled for AVX2 + FMA (function attributes, so
-// the rest of the library stays baseline) and picked when the CPU has them.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MSDA_AVX2 1
-#else
-#define MSDA_AVX2 0
-#endif
 
 namespace ms_deform_attn {
 namespace {
@@ -51,7 +44,7 @@ void backward_baseline(const Arguments<scalar_t>& a, int64_t begin, int64_t end,
   cpu::backward_tasks(a, begin, end, level_parts, slice, grad_slice);
 }
 
-#if MSDA_AVX2
+#if MSDA_X86
 template <typename scalar_t>
 __attribute__((target("avx2,fma"))) void forward_avx2(const Arguments<scalar_t>& a, int64_t begin, int64_t end,
                                                       scalar_t* slice, Tap<scalar_t>* taps) {
@@ -65,22 +58,8 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const Arguments<scalar_t>
 }
 #endif
 
-// MS_DEFORM_ATTN_CPU_ISA=baseline forces the baseline loops (to test them on AVX2 machines).
-bool use_avx2() {
-#if MSDA_AVX2
-  static const bool avx2 = [] {
-    const char* forced = std::getenv("MS_DEFORM_ATTN_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "baseline") == 0) {
-      return false;
-    }
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return avx2;
-#else
-  return false;
-#endif
-}
+// The AVX2 loops wherever the CPU has AVX2 (AVX-512 adds nothing to their 32-byte vectors).
+bool use_avx2() { return cpu_isa() != Isa::kBaseline; }
 
 // Whether tasks copy their head's rows into a contiguous slice first (see
 // cpu_loops.h): worth it when the samples read each row several times over
@@ -168,7 +147,7 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_sha
     at::parallel_for(0, layout.groups(), grain_for(work), [&](int64_t begin, int64_t end) {
       std::unique_ptr<scalar_t[]> slice(slices ? new scalar_t[layout.tokens * layout.channels] : nullptr);
       std::vector<Tap<scalar_t>> taps(4 * layout.levels * layout.points);
-#if MSDA_AVX2
+#if MSDA_X86
       if (avx2) {
         forward_avx2(a, begin, end, slice.get(), taps.data());
         return;
@@ -228,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
     at::parallel_for(0, pairs * level_parts, grain_for(work), [&](int64_t begin, int64_t end) {
       std::unique_ptr<scalar_t[]> slice(slices ? new scalar_t[layout.tokens * layout.channels] : nullptr);
       std::unique_ptr<scalar_t[]> grad_slice(slices ? new scalar_t[layout.tokens * layout.channels] : nullptr);
-#if MSDA_AVX2
+#if MSDA_X86
       if (avx2) {
         backward_avx2(a, begin, end, level_parts, slice.get(), grad_slice.get());
         return;
