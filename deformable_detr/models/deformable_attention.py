@@ -89,17 +89,16 @@ class MSDeformAttn(nn.Module):
         S = value.shape[1]
         value = self.value_proj(value)
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+            # in place: the projection's output is not needed by its own backward
+            value = value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(N, S, self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(query).view(N, Lq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(N, Lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(N, Lq, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: normalize by (W_l, H_l)
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            locations = self.point_locations(query, reference_points, spatial_shapes)
         elif reference_points.shape[-1] == 4:
             # offsets are in units of half the reference box, shared out over the points
+            offsets = self.sampling_offsets(query).view(N, Lq, self.n_heads, self.n_levels, self.n_points, 2)
             locations = (
                 reference_points[:, :, None, :, None, :2]
                 + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
@@ -115,3 +114,38 @@ class MSDeformAttn(nn.Module):
             )
         output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)
+
+    def point_locations(
+        self, query: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        """Sampling locations around points: reference + offsets / (W_l, H_l), offsets in pixels of each level.
+
+        Computed as one matrix product,
+            [query, reference] @ [W / n ; E]^T + b / n,
+        where W, b are ``sampling_offsets``' weight and bias, n is each output's W_l or H_l, and
+        E (M*L*P*2, L*2) is 0/1 and adds reference point (l, x|y) to the outputs of level l.
+        The same function as ``reference[:, :, None, :, None] + sampling_offsets(query) / n`` up
+        to float rounding, without the three broadcasting passes over the (N, Lq, M, L, P, 2)
+        result (the division, its backward, the addition) that took as long as the matrix
+        product itself. In float32 (float64 if the inputs are) even under autocast: the reference
+        points need it.
+
+        Args:
+            query: (N, Lq, C).
+            reference_points: (N, Lq, L, 2) points (x, y) in [0, 1].
+            spatial_shapes: (L, 2) int64 (H_l, W_l).
+        Returns:
+            (N, Lq, M, L, P, 2)
+        """
+        N, Lq, _ = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        dtype = torch.promote_types(torch.promote_types(query.dtype, reference_points.dtype), torch.float32)
+        with torch.autocast(query.device.type, enabled=False):
+            inverse = 1.0 / spatial_shapes.flip(-1).to(dtype)  # (L, 2): 1 / (W_l, H_l)
+            scale = inverse[None, :, None, :].expand(M, L, P, 2).reshape(-1)
+            selector = torch.eye(2 * L, dtype=dtype, device=query.device).view(1, L, 1, 2, 2 * L)
+            selector = selector.expand(M, L, P, 2, 2 * L).reshape(M * L * P * 2, 2 * L)
+            weight = torch.cat([self.sampling_offsets.weight.to(dtype) * scale[:, None], selector], 1)
+            inputs = torch.cat([query.to(dtype), reference_points.reshape(N, Lq, 2 * L).to(dtype)], -1)
+            locations = F.linear(inputs, weight, self.sampling_offsets.bias.to(dtype) * scale)
+        return locations.view(N, Lq, M, L, P, 2)
