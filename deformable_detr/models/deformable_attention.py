@@ -127,8 +127,8 @@ class MSDeformAttn(nn.Module):
         The same function as ``reference[:, :, None, :, None] + sampling_offsets(query) / n`` up
         to float rounding, without the three broadcasting passes over the (N, Lq, M, L, P, 2)
         result (the division, its backward, the addition) that took twice as long as the matrix
-        product's forward and backward. In float32 (float64 if the inputs are) even under autocast: the reference
-        points need it.
+        product's forward and backward. In float32 (float64 if the inputs are) even under
+        autocast: the reference points need it.
 
         Args:
             query: (N, Lq, C).
@@ -139,6 +139,7 @@ class MSDeformAttn(nn.Module):
         """
         N, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
+        # at least float32, whatever autocast made of the query
         dtype = torch.promote_types(torch.promote_types(query.dtype, reference_points.dtype), torch.float32)
         with torch.autocast(query.device.type, enabled=False):
             inverse = 1.0 / spatial_shapes.flip(-1).to(dtype)  # (L, 2): 1 / (W_l, H_l)
