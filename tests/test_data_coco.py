@@ -322,3 +322,61 @@ def test_dataset_can_be_copied_and_pickled(tmp_path):
     assert restored.skipped.value == duplicate.skipped.value == 1
     assert restored[1] is None and restored.skipped.value == 2 and dataset.skipped.value == 1
     assert _same(restored[0], dataset[0])
+
+
+def test_output_sizes_are_the_loaded_sizes_without_reading_pixels(tmp_path, monkeypatch):
+    dataset = _train_dataset(str(tmp_path))
+    for epoch in (0, 5):
+        dataset.set_epoch(epoch)
+        loaded = [tuple(dataset[index][0].shape[-2:]) for index in range(len(dataset))]
+        monkeypatch.setattr(PIL.Image, "open", None)  # prediction must not open an image
+        assert dataset.output_sizes(epoch) == loaded
+        monkeypatch.undo()
+    assert dataset.output_sizes(0) != dataset.output_sizes(5)
+
+
+def test_output_sizes_read_headers_when_the_annotations_give_no_size(tmp_path):
+    written = [{"id": 2, "file_name": "002.png", "width": 40, "height": 30},
+               {"id": 3, "file_name": "003.png", "width": 50, "height": 20}]
+    image_dir, annotation_file = _write_layout(str(tmp_path), images=written, annotations=[])
+    _sideways_photo(os.path.join(image_dir, "photo.jpg"))  # stored 96x64, displayed 64x96
+    images = [{"id": 1, "file_name": "photo.jpg"}, written[0], {"id": 3, "file_name": "003.png"},
+              {"id": 4, "file_name": "gone.png"}]
+    with open(annotation_file, "w") as handle:
+        json.dump({"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]}, handle)
+    dataset = build_coco_dataset(str(tmp_path), "val", PLAIN)
+    assert dataset.source_sizes() == [(64, 96), (40, 30), (50, 20), None]
+    assert dataset.output_sizes(0) == [(96, 64), (30, 40), (20, 50), (0, 0)]
+    assert [tuple(dataset[index][0].shape[-2:]) for index in range(3)] == [(96, 64), (30, 40), (20, 50)]
+
+
+def test_output_sizes_are_unknown_for_transforms_that_cannot_tell(tmp_path):
+    _write_layout(str(tmp_path))
+    dataset = build_coco_dataset(str(tmp_path), "val", lambda image, target, rng: (image, target))
+    assert dataset.output_sizes(0) is None
+
+
+def test_the_training_loader_batches_by_size_when_asked(tmp_path):
+    import runtime
+
+    from deformable_detr.data.sampler import group_by_size
+    from deformable_detr.errors import ConfigError
+
+    dataset = _train_dataset(str(tmp_path))
+    cpu = torch.device("cpu")
+    plain = runtime.make_loader(dataset, 2, 0, True, 0, cpu)
+    grouped = runtime.make_loader(dataset, 2, 0, True, 0, cpu, group_window=6)
+    dataset.set_epoch(1)
+    for loader in (plain, grouped):
+        loader.sampler.set_epoch(1)
+    sizes = dataset.output_sizes(1)
+    order = group_by_size(list(plain.sampler), sizes, 6)
+    assert list(grouped.sampler) == order != list(plain.sampler)
+    batches = list(grouped)
+    assert [tuple(images.shape[-2:]) for images, _, _ in batches] == [
+        tuple(max(side) for side in zip(*(sizes[i] for i in order[k : k + 2]))) for k in range(0, 6, 2)
+    ]
+    assert runtime.describe_grouping(grouped) == ", batched by size (windows of 6 images)"
+    assert runtime.describe_grouping(plain) == ""
+    with pytest.raises(ConfigError, match="dataset.size_group_window=-1"):
+        runtime.make_loader(dataset, 2, 0, True, 0, cpu, group_window=-1)

@@ -173,3 +173,22 @@ def test_train_transforms_are_a_function_of_the_random_source():
     assert torch.equal(first[0], third[0])
     outcomes = {tuple(transform(image, target, random.Random(f"7:0:{i}"))[0].shape) for i in range(20)}
     assert len(outcomes) > 1
+
+
+@pytest.mark.parametrize("width, height", [(200, 150), (150, 200), (90, 90), (400, 60), (61, 260)])
+def test_output_size_predicts_the_output_and_leaves_the_random_source_where_calling_does(width, height):
+    # crop sides from below the image side to above it, and a max_size that caps long images
+    transform = make_train_transforms(
+        scales=[64, 80, 96], max_size=180, crop_resize_sizes=[70, 120], crop_min_size=50, crop_max_size=100
+    )
+    image = _image(width, height, seed=2)
+    target = _target([[10, 10, 50, 40]])
+    branches = set()
+    for seed in range(40):
+        called, predicted = random.Random(seed), random.Random(seed)
+        tensor, _ = transform(image, target, called)
+        out_w, out_h = transform.output_size((width, height), predicted)
+        assert (out_h, out_w) == tuple(tensor.shape[-2:])
+        assert called.random() == predicted.random()  # the same number of draws was made
+        branches.add(tensor.shape[-1] * tensor.shape[-2])
+    assert len(branches) > 3

@@ -57,10 +57,13 @@ def test_run_finished_is_not_retrained(tmp_path, data_root):
     assert "already finished" in result.stdout
 
 
-def test_stopping_and_resuming_is_bit_identical(tmp_path, data_root):
+@pytest.mark.parametrize("group_window", [0, 4])
+def test_stopping_and_resuming_is_bit_identical(tmp_path, data_root, group_window):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    common = ["trainer.epochs=3", "trainer.eval_every=10", "dataset.num_workers=1"]
-    assert_ok(run_tool("train", *tiny(whole, data_root, *common)))
+    common = ["trainer.epochs=3", "trainer.eval_every=10", "dataset.num_workers=1", f"dataset.size_group_window={group_window}"]
+    result = run_tool("train", *tiny(whole, data_root, *common))
+    assert_ok(result)
+    assert ("batched by size" in result.stdout) == (group_window > 1)
     # stop mid-epoch after 5 of 12 steps, then once more at the end of an epoch, then finish
     assert_ok(run_tool("train", *tiny(split, data_root, *common, "trainer.max_steps=5")))
     stopped = torch.load(split / "checkpoint_last.pth", weights_only=True)

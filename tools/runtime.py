@@ -169,10 +169,15 @@ def build_dataset(node, split: str, root: Optional[str], seed: int) -> CocoDetec
     return build_coco_dataset(root, split, transforms, seed=seed, skip_unreadable=data.skip_unreadable, context="dataset.root")
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: int, device: torch.device):
+def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: int, device: torch.device,
+                group_window: int = 0):
     """A DataLoader over this rank's shard: shuffled, padded and drop_last for training; every
-    image exactly once over all ranks for evaluation."""
-    sampler = ShardedSampler(len(dataset), shuffle=train, pad=train, seed=seed)
+    image exactly once over all ranks for evaluation. ``group_window`` > 1 batches images of
+    similar augmented size together (see ``ShardedSampler``)."""
+    if group_window < 0:
+        raise ConfigError(f"dataset.size_group_window={group_window}: use 0 (shuffled batches) or a window of images, e.g. 64")
+    sizes = getattr(dataset, "output_sizes", None) if group_window > 1 else None
+    sampler = ShardedSampler(len(dataset), shuffle=train, pad=train, seed=seed, sizes=sizes, group_window=group_window)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -189,6 +194,17 @@ def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: i
             f"per process; lower dataset.batch_size"
         )
     return loader
+
+
+def describe_grouping(loader) -> str:
+    """For the data log line: ``, batched by size (windows of N images)`` when the training loader
+    groups, else ``""`` (or why it cannot)."""
+    sampler = loader.sampler
+    if getattr(sampler, "group_window", 0) < 2:
+        return ""
+    if sampler.sizes is None or sampler.sizes(0) is None:
+        return ", not batched by size (dataset.size_group_window: the transforms cannot predict image sizes)"
+    return f", batched by size (windows of {sampler.group_window} images)"
 
 
 def describe_categories(coco, num_classes: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import PIL.Image
 import PIL.ImageOps
@@ -20,6 +20,7 @@ __all__ = ["UnreadableImageError", "ImageSizeMismatchError", "CocoDetection", "c
 logger = logging.getLogger(__name__)
 
 Item = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
+_EXIF_ORIENTATION = 0x0112
 
 
 class UnreadableImageError(DataError, OSError):
@@ -92,6 +93,7 @@ class CocoDetection(Dataset):
         self.skip_unreadable = skip_unreadable
         self.skipped = SkipCounter()
         self.context = context
+        self._source_sizes: Optional[List[Optional[Tuple[int, int]]]] = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch``.
@@ -103,6 +105,43 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def output_sizes(self, epoch: int) -> Optional[List[Tuple[int, int]]]:
+        """The (h, w) of every item's image in ``epoch`` after the transforms, without reading a
+        pixel: the transforms replay their random draws on the image sizes (see
+        ``transforms.output_size``). ``None`` when the transforms cannot tell (one without
+        ``output_size``). An unreadable image counts as (0, 0)."""
+        if not hasattr(self.transforms, "output_size"):
+            return None
+        sizes = []
+        for index, source in enumerate(self.source_sizes()):
+            if source is None:
+                sizes.append((0, 0))
+                continue
+            width, height = self.transforms.output_size(source, random.Random(f"{self.seed}:{epoch}:{index}"))
+            sizes.append((height, width))
+        return sizes
+
+    def source_sizes(self) -> List[Optional[Tuple[int, int]]]:
+        """Every item's image size as displayed, PIL's (w, h): the annotation's ``width`` and
+        ``height``, else read from the file's header once (``None`` when it cannot be read)."""
+        if self._source_sizes is None:
+            self._source_sizes = [self._source_size(image_id) for image_id in self.ids]
+        return self._source_sizes
+
+    def _source_size(self, image_id: int) -> Optional[Tuple[int, int]]:
+        info = self.coco.imgs[image_id]
+        if info.get("width") and info.get("height"):
+            return int(info["width"]), int(info["height"])
+        try:
+            with PIL.Image.open(os.path.join(self.image_dir, info["file_name"])) as opened:
+                width, height = opened.size
+                # EXIF orientations 5-8 store the picture transposed (see _read_image)
+                if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                    width, height = height, width
+        except Exception:  # noqa: BLE001 - reading it for real reports the problem
+            return None
+        return width, height
 
     def image_path(self, index: int) -> str:
         """Path of the image file of item ``index``."""

@@ -2,14 +2,37 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Sampler
 
 from deformable_detr.utils.distributed import get_rank, get_world_size
 
-__all__ = ["ShardedSampler"]
+__all__ = ["ShardedSampler", "group_by_size"]
+
+Sizes = Sequence[Tuple[int, int]]
+
+
+def group_by_size(order: Sequence[int], sizes: Sizes, window: int) -> List[int]:
+    """``order`` with each run of ``window`` consecutive positions sorted by the items' sizes.
+
+    ``sizes[i]`` is item i's (h, w). The sort key is (portrait, area): consecutive items then
+    have similar shapes, so a batch of them needs less padding, while which items share a
+    window (and so a batch) stays as random as ``order``. The sort is stable, so the result is
+    a pure function of its arguments.
+    """
+    if window < 2:
+        return list(order)
+
+    def key(index: int) -> Tuple[bool, int]:
+        height, width = sizes[index]
+        return height > width, height * width
+
+    grouped: List[int] = []
+    for begin in range(0, len(order), window):
+        grouped.extend(sorted(order[begin : begin + window], key=key))
+    return grouped
 
 
 class ShardedSampler(Sampler[int]):
@@ -23,6 +46,14 @@ class ShardedSampler(Sampler[int]):
       multiple of R, so every rank yields ``ceil(N / R)`` indices (some twice per epoch).
     - ``pad=False`` (evaluation): no repeats; ranks get ``ceil`` or ``floor`` of N / R indices
       and every index appears on exactly one rank.
+
+    ``group_window`` > 1 with ``sizes`` (a function of the epoch giving every item's (h, w)
+    as it will be loaded, e.g. ``CocoDetection.output_sizes``, or ``None`` for unknown):
+    before dealing, every run of ``group_window`` consecutive positions of the permutation is
+    sorted by size (``group_by_size``), so the items of a batch have similar shapes and pad
+    less. The window is a number of positions of the whole permutation, not of a rank's
+    share or a batch, so the images seen after k steps are still its first k * batch * R
+    positions for any batch size and R (which lets a run resume under another layout).
 
     ``set_start(k)`` skips this rank's first ``k`` indices of the current epoch, which lets a
     run resumed after ``k`` samples continue with exactly the indices an uninterrupted run
@@ -39,6 +70,8 @@ class ShardedSampler(Sampler[int]):
         shuffle: bool = True,
         pad: bool = True,
         seed: int = 0,
+        sizes: Optional[Callable[[int], Optional[Sizes]]] = None,
+        group_window: int = 0,
     ):
         num_replicas = get_world_size() if num_replicas is None else num_replicas
         rank = get_rank() if rank is None else rank
@@ -46,12 +79,16 @@ class ShardedSampler(Sampler[int]):
             raise ValueError(f"invalid rank {rank} for {num_replicas} replicas")
         if dataset_size < 0:
             raise ValueError(f"dataset_size must be >= 0, got {dataset_size}")
+        if group_window < 0:
+            raise ValueError(f"group_window must be >= 0, got {group_window}")
         self.dataset_size = dataset_size
         self.num_replicas = num_replicas
         self.rank = rank
         self.shuffle = shuffle
         self.pad = pad
         self.seed = seed
+        self.sizes = sizes
+        self.group_window = group_window
         self.epoch = 0
         self.start = 0
 
@@ -80,6 +117,12 @@ class ShardedSampler(Sampler[int]):
             order = torch.randperm(self.dataset_size, generator=generator).tolist()
         else:
             order = list(range(self.dataset_size))
+        if self.group_window > 1 and self.sizes is not None:
+            sizes = self.sizes(self.epoch)
+            if sizes is not None:
+                if len(sizes) != self.dataset_size:
+                    raise ValueError(f"sizes gives {len(sizes)} items for a dataset of {self.dataset_size}")
+                order = group_by_size(order, sizes, self.group_window)
         if self.pad and order:
             total = math.ceil(self.dataset_size / self.num_replicas) * self.num_replicas
             repeats = math.ceil(total / len(order))

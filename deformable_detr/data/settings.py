@@ -57,6 +57,11 @@ class DatasetSettings:
     ``train_images``/``train_annotations``/``val_images``/``val_annotations`` override its paths.
     ``num_classes``: logits of the model (default: the largest category id + 1). ``batch_size``
     per process; ``skip_unreadable``: skip (and count) unreadable images instead of failing.
+    ``size_group_window`` > 1: training batches images of similar augmented size, sorting every
+    run of this many images of the epoch's shuffled order by shape (orientation, then area)
+    before batching, so batches carry less padding and train faster; the same images and
+    augmentations, in another order. 0 (default) keeps the shuffled order, as the reference
+    implementation batches.
     """
 
     kind: str = "coco"
@@ -69,6 +74,7 @@ class DatasetSettings:
     batch_size: int = 2
     eval_batch_size: int = 2
     num_workers: int = 2
+    size_group_window: int = 0
     skip_unreadable: bool = False
     train_transforms: TrainTransformSettings = dataclasses.field(default_factory=TrainTransformSettings)
     eval_transforms: EvalTransformSettings = dataclasses.field(default_factory=EvalTransformSettings)

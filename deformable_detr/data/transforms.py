@@ -10,6 +10,10 @@ Deformable DETR pipeline, so that evaluation preprocessing matches it pixel for 
 Every random choice is drawn from the ``random.Random`` passed to ``__call__``; nothing
 reads the global ``random`` or ``torch`` generators, which makes an item a pure function
 of its seed.
+
+Every transform also has ``output_size(size, rng)``: the (w, h) it would output for an input
+of PIL size ``size``, making the same random draws without touching pixels, so the size of an
+augmented item is known before its image is read (batching by size uses this).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torchvision.transforms.functional as F
 from deformable_detr.utils.box_ops import box_xyxy_to_cxcywh
 
 Target = Dict[str, torch.Tensor]
+Size = Tuple[int, int]  # PIL's (width, height)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -142,6 +147,11 @@ class Compose:
             image, target = transform(image, target, rng)
         return image, target
 
+    def output_size(self, size: Size, rng: random.Random) -> Size:
+        for transform in self.transforms:
+            size = transform.output_size(size, rng)
+        return size
+
     def __repr__(self) -> str:
         inner = "".join(f"\n    {transform!r}" for transform in self.transforms)
         return f"{type(self).__name__}({inner}\n)"
@@ -158,6 +168,10 @@ class RandomHorizontalFlip:
             return hflip(image, target)
         return image, target
 
+    def output_size(self, size: Size, rng: random.Random) -> Size:
+        rng.random()
+        return size
+
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"
 
@@ -173,6 +187,10 @@ class RandomResize:
 
     def __call__(self, image, target, rng: random.Random):
         return resize(image, target, rng.choice(self.sizes), self.max_size)
+
+    def output_size(self, size: Size, rng: random.Random) -> Size:
+        out_h, out_w = get_size_with_aspect_ratio(size, rng.choice(self.sizes), self.max_size)
+        return out_w, out_h
 
     def __repr__(self) -> str:
         return f"RandomResize(sizes={self.sizes}, max_size={self.max_size})"
@@ -193,14 +211,22 @@ class RandomSizeCrop:
         self.max_size = max_size
 
     def __call__(self, image, target, rng: random.Random):
-        image_w, image_h = image.size
+        return crop(image, target, self.region(image.size, rng))
+
+    def region(self, size: Size, rng: random.Random) -> Tuple[int, int, int, int]:
+        """The crop (top, left, height, width) of an image of PIL size (w, h)."""
+        image_w, image_h = size
         crop_w = rng.randint(min(self.min_size, image_w), min(image_w, self.max_size))
         crop_h = rng.randint(min(self.min_size, image_h), min(image_h, self.max_size))
         if crop_w == image_w and crop_h == image_h:
-            return crop(image, target, (0, 0, image_h, image_w))
+            return 0, 0, image_h, image_w
         top = rng.randint(0, image_h - crop_h)
         left = rng.randint(0, image_w - crop_w)
-        return crop(image, target, (top, left, crop_h, crop_w))
+        return top, left, crop_h, crop_w
+
+    def output_size(self, size: Size, rng: random.Random) -> Size:
+        _, _, height, width = self.region(size, rng)
+        return width, height
 
     def __repr__(self) -> str:
         return f"RandomSizeCrop(min_size={self.min_size}, max_size={self.max_size})"
@@ -219,6 +245,11 @@ class RandomSelect:
             return self.first(image, target, rng)
         return self.second(image, target, rng)
 
+    def output_size(self, size: Size, rng: random.Random) -> Size:
+        if rng.random() < self.p:
+            return self.first.output_size(size, rng)
+        return self.second.output_size(size, rng)
+
     def __repr__(self) -> str:
         return f"RandomSelect(p={self.p}, first={self.first!r}, second={self.second!r})"
 
@@ -228,6 +259,9 @@ class ToTensor:
 
     def __call__(self, image, target, rng: random.Random):
         return F.to_tensor(image), target
+
+    def output_size(self, size: Size, rng: random.Random) -> Size:
+        return size
 
     def __repr__(self) -> str:
         return "ToTensor()"
@@ -250,6 +284,9 @@ class Normalize:
             boxes = box_xyxy_to_cxcywh(target["boxes"])
             target["boxes"] = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
         return image, target
+
+    def output_size(self, size: Size, rng: random.Random) -> Size:
+        return size
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"
