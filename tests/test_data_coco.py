@@ -12,7 +12,7 @@ from deformable_detr.data.coco import CocoDetection, UnreadableImageError, build
 from deformable_detr.errors import DataError
 from deformable_detr.data.coco_annotations import AnnotationFormatError
 from deformable_detr.data.collate import collate
-from deformable_detr.data.transforms import Compose, Normalize, ToTensor, make_train_transforms
+from deformable_detr.data.transforms import Compose, Normalize, RandomSelect, ToTensor, make_train_transforms
 
 PLAIN = Compose([ToTensor(), Normalize()])
 
@@ -354,6 +354,12 @@ def test_output_sizes_are_unknown_for_transforms_that_cannot_tell(tmp_path):
     _write_layout(str(tmp_path))
     dataset = build_coco_dataset(str(tmp_path), "val", lambda image, target, rng: (image, target))
     assert dataset.output_sizes(0) is None
+    # a user's transform inside a Compose, or in a branch of a RandomSelect
+    user = Compose([ToTensor(), lambda image, target, rng: (image, target)])
+    assert build_coco_dataset(str(tmp_path), "val", user).output_sizes(0) is None
+    branch = Compose([RandomSelect(ToTensor(), Compose([lambda image, target, rng: (image, target), ToTensor()]))])
+    assert build_coco_dataset(str(tmp_path), "val", branch).output_sizes(0) is None
+    assert build_coco_dataset(str(tmp_path), "val", Compose([RandomSelect(ToTensor(), PLAIN)])).output_sizes(0) == [(30, 40)] * 3
 
 
 def test_the_training_loader_batches_by_size_when_asked(tmp_path):

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError, MissingFileError
 from .coco_annotations import coco_target, load_coco_annotations, num_classes_of
 from .skip_counter import SkipCounter
+from .transforms import predicts_size
 
 __all__ = ["UnreadableImageError", "ImageSizeMismatchError", "CocoDetection", "coco_split_paths", "build_coco_dataset"]
 
@@ -111,7 +112,7 @@ class CocoDetection(Dataset):
         pixel: the transforms replay their random draws on the image sizes (see
         ``transforms.output_size``). ``None`` when the transforms cannot tell (one without
         ``output_size``). An unreadable image counts as (0, 0)."""
-        if not hasattr(self.transforms, "output_size"):
+        if not predicts_size(self.transforms):
             return None
         sizes = []
         for index, source in enumerate(self.source_sizes()):

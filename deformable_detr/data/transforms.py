@@ -53,6 +53,7 @@ __all__ = [
     "RandomSelect",
     "ToTensor",
     "Normalize",
+    "predicts_size",
     "make_train_transforms",
     "make_eval_transforms",
 ]
@@ -290,6 +291,16 @@ class Normalize:
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+def predicts_size(transform) -> bool:
+    """Whether ``transform`` (and every transform inside a ``Compose`` or ``RandomSelect``) has
+    ``output_size``: a user's own transform without it makes item sizes unknown."""
+    if isinstance(transform, Compose):
+        return all(predicts_size(inner) for inner in transform.transforms)
+    if isinstance(transform, RandomSelect):
+        return predicts_size(transform.first) and predicts_size(transform.second)
+    return callable(getattr(transform, "output_size", None))
 
 
 def make_train_transforms(
