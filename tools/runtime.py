@@ -176,7 +176,8 @@ def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: i
     similar augmented size together (see ``ShardedSampler``)."""
     if group_window < 0:
         raise ConfigError(f"dataset.size_group_window={group_window}: use 0 (shuffled batches) or a window of images, e.g. 64")
-    sizes = getattr(dataset, "output_sizes", None) if group_window > 1 else None
+    # datasets whose augmented sizes are unknown load in the shuffled order
+    sizes = dataset.output_sizes if group_window > 1 and getattr(dataset, "predicts_sizes", False) else None
     sampler = ShardedSampler(len(dataset), shuffle=train, pad=train, seed=seed, sizes=sizes, group_window=group_window)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -202,7 +203,7 @@ def describe_grouping(loader) -> str:
     sampler = loader.sampler
     if getattr(sampler, "group_window", 0) < 2:
         return ""
-    if sampler.sizes is None or sampler.sizes(0) is None:
+    if sampler.sizes is None:
         return ", not batched by size (dataset.size_group_window: the transforms cannot predict image sizes)"
     return f", batched by size (windows of {sampler.group_window} images)"
 

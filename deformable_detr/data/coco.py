@@ -112,7 +112,7 @@ class CocoDetection(Dataset):
         pixel: the transforms replay their random draws on the image sizes (see
         ``transforms.output_size``). ``None`` when the transforms cannot tell (one without
         ``output_size``). An unreadable image counts as (0, 0)."""
-        if not predicts_size(self.transforms):
+        if not self.predicts_sizes:
             return None
         sizes = []
         for index, source in enumerate(self.source_sizes()):
@@ -122,6 +122,11 @@ class CocoDetection(Dataset):
             width, height = self.transforms.output_size(source, random.Random(f"{self.seed}:{epoch}:{index}"))
             sizes.append((height, width))
         return sizes
+
+    @property
+    def predicts_sizes(self) -> bool:
+        """Whether ``output_sizes`` can tell (every transform has ``output_size``)."""
+        return predicts_size(self.transforms)
 
     def source_sizes(self) -> List[Optional[Tuple[int, int]]]:
         """Every item's image size as displayed, PIL's (w, h): the annotation's ``width`` and
