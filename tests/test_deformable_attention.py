@@ -80,3 +80,22 @@ def test_forward_zeroes_padded_values_in_place_without_breaking_gradients():
     output = module(query, reference_points, value, shapes, level_start_index, padding_mask)
     (grad_value,) = torch.autograd.grad(output.sum(), value)
     assert grad_value[padding_mask].abs().max() == 0 and grad_value[~padding_mask].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_weights_softmax_in_float32_or_better_under_autocast(dtype):
+    """Under CPU autocast the weights' projection is bfloat16 but their softmax is float32 (its
+    backward over 16-wide rows is far slower in bfloat16 there); float64 stays float64."""
+    module, query, reference_points = module_and_inputs(dtype, seed=5)
+    torch.nn.init.normal_(module.attention_weights.weight, std=0.3)
+    level_start_index = torch.cat([SHAPES.new_zeros(1), SHAPES.prod(1).cumsum(0)[:-1]])
+    value = torch.randn(2, int(SHAPES.prod(1).sum()), 32, dtype=dtype)
+    module.recording = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(query.detach(), reference_points.detach(), value, SHAPES, level_start_index)
+        logits = module.attention_weights(query.detach())
+    weights = module.recording[0].attention_weights
+    assert logits.dtype == (torch.bfloat16 if dtype == torch.float32 else dtype)
+    assert weights.dtype == dtype
+    expected = torch.softmax(logits.to(dtype).view(2, 7, 4, 12), -1).view(weights.shape)
+    torch.testing.assert_close(weights, expected, rtol=0, atol=0)

@@ -8,6 +8,43 @@ from torch import nn
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
+class AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose fused step reads channels-last weights in place.
+
+    The fused kernel copies every non-contiguous tensor it is given into a contiguous one and
+    back. A channels-last convolution weight is dense, only permuted, as are its gradient and
+    moments when they share its strides; its permuted view is contiguous, and AdamW is the same
+    element by element in any order. So for the fused step each such tensor is handed over as
+    that view: the same memory, updated in one pass, bit for bit the same result. The state,
+    its ``state_dict`` and every other path are torch's own.
+    """
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *rest):
+        first = len(params)
+        result = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *rest)
+        if group["fused"]:
+            lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if group["amsgrad"] else [])
+            for index in range(first, len(params)):
+                views = dense_views([tensors[index] for tensors in lists])
+                for tensors, view in zip(lists, views):
+                    tensors[index] = view
+        return result
+
+
+def dense_views(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``tensors`` of one shape and strides as contiguous permuted views of themselves when they
+    are dense but not contiguous (channels-last, say); otherwise ``tensors`` unchanged."""
+    first = tensors[0]
+    if first.is_contiguous() or any(t.shape != first.shape or t.stride() != first.stride() for t in tensors):
+        return list(tensors)
+    # outermost dimension first; ties (size-1 dimensions) keep their order
+    order = sorted(range(first.dim()), key=lambda d: (-first.stride(d), d))
+    view = first.permute(order)
+    if not view.is_contiguous():  # overlapping or with gaps: leave it to the kernel
+        return list(tensors)
+    return [t.permute(order) for t in tensors]
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -47,11 +84,12 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; with ``fused``, the fused kernel (one pass over all parameters
     instead of a dozen element-wise operations per parameter) when every parameter is on a
-    device that has it: the CPU or a GPU."""
+    device that has it: the CPU or a GPU. An ``AdamW`` of this module, so channels-last
+    weights are updated in place."""
     groups = param_groups(model, lr, lr_backbone, lr_linear_proj_mult)
     devices = {p.device.type for g in groups for p in g["params"]}
     supported = bool(devices) and devices <= set(FUSED_ADAMW_DEVICES)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=bool(fused and supported) or None)
+    return AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=bool(fused and supported) or None)
 
 
 def build_scheduler(

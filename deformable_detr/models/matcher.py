@@ -56,7 +56,8 @@ class HungarianMatcher(nn.Module):
         boxes = boxes.float()
         tgt_boxes = tgt_boxes.float()
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
-        cost_giou = -torch.stack([generalized_box_iou(box_cxcywh_to_xyxy(p), box_cxcywh_to_xyxy(g)) for p, g in zip(boxes, tgt_boxes)])
+        # batched (B, Q, T): the same arithmetic as one image at a time, in a few dozen operations instead of B times as many
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
 
     @torch.no_grad()
