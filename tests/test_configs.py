@@ -1,4 +1,8 @@
 """Every experiment composes and instantiates; typos are rejected naming the key."""
+import os
+import subprocess
+import sys
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -141,3 +145,33 @@ def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(capsys):
     assert capsys.readouterr().err == "error: dataset.root=/x has no annotations/instances_val2017.json; point dataset.root at a COCO layout\n"
     with pytest.raises(ValueError, match="internal inconsistency"):
         runtime.run_reporting_errors(bug, None)
+
+
+def test_the_tools_raise_onednn_s_primitive_cache_for_varying_image_sizes():
+    """oneDNN keeps 1024 compiled primitives by default, which batches of ever new sizes thrash.
+    The tools raise that before any model runs: after convolutions of 1,100 other sizes, the
+    first size's primitive is still cached (oneDNN's verbose log says cache_hit), where the
+    default (or a user's choice in the environment) has evicted it."""
+    script = """
+import torch
+import runtime
+weight = torch.randn(4, 3, 3, 3, dtype=torch.bfloat16)  # bfloat16: oneDNN's convolution on every CPU
+for width in range(8, 1108):
+    torch.nn.functional.conv2d(torch.randn(1, 3, 3, width, dtype=torch.bfloat16), weight)
+with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+    torch.nn.functional.conv2d(torch.randn(1, 3, 3, 8, dtype=torch.bfloat16), weight)
+"""
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    environment = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    environment["PYTHONPATH"] = tools
+
+    def convolution_creation(extra):
+        result = subprocess.run([sys.executable, "-c", script], env=dict(environment, **extra), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        lines = [line for line in result.stdout.splitlines() if "primitive,create" in line and ",convolution," in line]
+        if not lines:
+            pytest.skip("this torch build does not convolve through oneDNN")
+        return lines[0]
+
+    assert "create:cache_hit" in convolution_creation({})
+    assert "create:cache_miss" in convolution_creation({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})

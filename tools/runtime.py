@@ -29,6 +29,13 @@ from deformable_detr.utils import distributed
 
 logger = logging.getLogger("deformable_detr")
 
+# oneDNN, which runs the CPU convolutions and bfloat16 matrix products, compiles a primitive per
+# input shape and keeps 1024 of them by default. Training on images of varying size needs more:
+# with the default recipe's batches (a new padded size almost every step) the cache thrashed, and
+# a step took 1.23x as long (measured: 0.270 s against 0.219 s, for about 270 MiB more memory).
+# Read by oneDNN at its first primitive, so set before any model runs; the environment wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
+
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
