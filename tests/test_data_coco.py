@@ -386,3 +386,26 @@ def test_the_training_loader_batches_by_size_when_asked(tmp_path):
     assert runtime.describe_grouping(plain) == ""
     with pytest.raises(ConfigError, match="dataset.size_group_window=-1"):
         runtime.make_loader(dataset, 2, 0, True, 0, cpu, group_window=-1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_training_loader_pads_to_a_multiple_when_asked(tmp_path, workers):
+    import runtime
+
+    from deformable_detr.errors import ConfigError
+
+    dataset = _train_dataset(str(tmp_path))
+    cpu = torch.device("cpu")
+    plain = runtime.make_loader(dataset, 2, workers, True, 0, cpu)
+    padded = runtime.make_loader(dataset, 2, workers, True, 0, cpu, pad_multiple=32)
+    for (images, masks, targets), (padded_images, padded_masks, padded_targets) in zip(plain, padded):
+        h, w = images.shape[-2:]
+        assert padded_images.shape[-2:] == (-(-h // 32) * 32, -(-w // 32) * 32)
+        # the same images, targets and valid pixels: only masked zero rows and columns are added
+        assert torch.equal(padded_images[..., :h, :w], images) and not padded_images[..., h:, :].any()
+        assert torch.equal(padded_masks[:, :h, :w], masks) and padded_masks[:, h:].all() and padded_masks[..., w:].all()
+        assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(targets, padded_targets))
+    assert runtime.describe_padding(32) == ", padded to multiples of 32 px"
+    assert runtime.describe_padding(0) == ""
+    with pytest.raises(ConfigError, match="dataset.train_pad_multiple=-8"):
+        runtime.make_loader(dataset, 2, 0, True, 0, cpu, pad_multiple=-8)

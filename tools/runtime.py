@@ -1,6 +1,7 @@
 """What the tools share: the command-line check, device, run directory, logging, data from config,
 and the one error path (a ``UserError`` is one line and exit status 2; anything else a traceback)."""
 import difflib
+import functools
 import logging
 import os
 import shutil
@@ -30,10 +31,11 @@ from deformable_detr.utils import distributed
 logger = logging.getLogger("deformable_detr")
 
 # oneDNN, which runs the CPU convolutions and bfloat16 matrix products, compiles a primitive per
-# input shape and keeps 1024 of them by default. Training on images of varying size needs more:
-# with the default recipe's batches (a new padded size almost every step) the cache thrashed, and
-# a step took 1.23x as long (measured: 0.270 s against 0.219 s, for about 270 MiB more memory).
-# Read by oneDNN at its first primitive, so set before any model runs; the environment wins.
+# input shape and keeps 1024 of them by default, too few for the default recipe's handful of
+# recurring batch shapes (padded to multiples of 32 px): a step over them took 0.227 s with 1024
+# and 0.220 s with 4096 or more (bfloat16). Shapes that never recur (batches padded
+# to their own largest image) fill any capacity within an epoch or two. oneDNN reads it at its
+# first primitive, so it is set before any model runs; the environment's value wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
 
 
@@ -177,12 +179,15 @@ def build_dataset(node, split: str, root: Optional[str], seed: int) -> CocoDetec
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: int, device: torch.device,
-                group_window: int = 0):
+                group_window: int = 0, pad_multiple: int = 0):
     """A DataLoader over this rank's shard: shuffled, padded and drop_last for training; every
     image exactly once over all ranks for evaluation. ``group_window`` > 1 batches images of
-    similar augmented size together (see ``ShardedSampler``)."""
+    similar augmented size together (see ``ShardedSampler``); ``pad_multiple`` > 1 pads each
+    batch's height and width up to a multiple of it (see ``pad_images``)."""
     if group_window < 0:
         raise ConfigError(f"dataset.size_group_window={group_window}: use 0 (shuffled batches) or a window of images, e.g. 64")
+    if pad_multiple < 0:
+        raise ConfigError(f"dataset.train_pad_multiple={pad_multiple}: use 0 (pad to the batch's largest image) or a multiple, e.g. 32")
     # datasets whose augmented sizes are unknown load in the shuffled order
     sizes = dataset.output_sizes if group_window > 1 and getattr(dataset, "predicts_sizes", False) else None
     sampler = ShardedSampler(len(dataset), shuffle=train, pad=train, seed=seed, sizes=sizes, group_window=group_window)
@@ -191,7 +196,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: i
         batch_size=batch_size,
         sampler=sampler,
         drop_last=train,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, pad_multiple=pad_multiple) if pad_multiple > 1 else collate,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
@@ -213,6 +218,11 @@ def describe_grouping(loader) -> str:
     if sampler.sizes is None:
         return ", not batched by size (dataset.size_group_window: the transforms cannot predict image sizes)"
     return f", batched by size (windows of {sampler.group_window} images)"
+
+
+def describe_padding(pad_multiple: int) -> str:
+    """For the data log line: ``, padded to multiples of N px`` when training batches are."""
+    return f", padded to multiples of {pad_multiple} px" if pad_multiple > 1 else ""
 
 
 def describe_categories(coco, num_classes: int) -> str:

@@ -50,11 +50,11 @@ def train(cfg: DictConfig):
     val_set = runtime.build_dataset(data, "val", root, cfg.seed)
     num_classes = runtime.num_classes_of(data, train_set, val_set)
     train_loader = runtime.make_loader(train_set, data.batch_size, data.num_workers, True, cfg.seed, device,
-                                       data.size_group_window)
+                                       data.size_group_window, data.train_pad_multiple)
     val_loader = runtime.make_loader(val_set, data.eval_batch_size, data.num_workers, False, cfg.seed, device)
     logger.info("data: %d train / %d val images, %s, %d steps per epoch%s",
                 len(train_set), len(val_set), runtime.describe_categories(train_set.coco, num_classes), len(train_loader),
-                runtime.describe_grouping(train_loader))
+                runtime.describe_grouping(train_loader) + runtime.describe_padding(data.train_pad_multiple))
 
     parts = build_parts(cfg, settings, num_classes, val_set.category_ids, iters_per_epoch=len(train_loader) // settings.accumulate_steps, device=device)
     writer = None

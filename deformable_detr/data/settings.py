@@ -61,7 +61,11 @@ class DatasetSettings:
     run of this many images of the epoch's shuffled order by shape (orientation, then area)
     before batching, so batches carry less padding and train faster; the same images and
     augmentations, in another order. 0 (default) keeps the shuffled order, as the reference
-    implementation batches.
+    implementation batches. ``train_pad_multiple`` > 1: training batches pad their height and
+    width up to a multiple of it (32: the backbone's strides 8, 16 and 32 divide it), so that
+    batch shapes repeat and the CPU's compiled convolution and matrix-product kernels are
+    reused instead of compiled for almost every batch; 0 (default) pads to the batch maxima,
+    as the reference implementation does. Evaluation batches always pad to their maxima.
     """
 
     kind: str = "coco"
@@ -75,6 +79,7 @@ class DatasetSettings:
     eval_batch_size: int = 2
     num_workers: int = 2
     size_group_window: int = 0
+    train_pad_multiple: int = 0
     skip_unreadable: bool = False
     train_transforms: TrainTransformSettings = dataclasses.field(default_factory=TrainTransformSettings)
     eval_transforms: EvalTransformSettings = dataclasses.field(default_factory=EvalTransformSettings)
