@@ -196,7 +196,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: i
         batch_size=batch_size,
         sampler=sampler,
         drop_last=train,
-        collate_fn=functools.partial(collate, pad_multiple=pad_multiple) if pad_multiple > 1 else collate,
+        collate_fn=functools.partial(collate, pad_multiple=pad_multiple),
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
