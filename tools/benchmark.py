@@ -17,7 +17,9 @@ Measures (``measure=``):
     profile    milliseconds per training step by part (backbone, encoder, decoder, the op's
                forward and backward, matcher, loss, backward, optimizer), see ``profile.*``
 Each speed measurement runs in a fresh process (tools/benchmark_worker.py) for each of
-``precisions`` and ``compile``; the median of ``iterations`` timed iterations after ``warmup`` is reported.
+``precisions`` (fp32; bf16 or fp16 autocast, as ``trainer.amp``; bf32 on CPUs or tf32 on CUDA:
+float32 with products in bfloat16 or TF32, as ``trainer.fp32_precision``) and ``compile``;
+the median of ``iterations`` timed iterations after ``warmup`` is reported.
 Writes ``benchmark.json`` to hydra.run.dir after each measurement.
 Speed is measured eager and compiled (``compile=[false,true]``: torch.compile of the detector,
 as ``trainer.compile=true`` trains, but for this one input size: static shapes, which compile
@@ -49,7 +51,8 @@ from deformable_detr.evaluation.coco_evaluator import write_json_atomic
 logger = runtime.logger
 
 MEASURES = ("params", "flops", "inference", "training", "profile")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf32", "tf32", "bf16", "fp16")
+FP32_PRECISION_DEVICES = {"bf32": "cpu", "tf32": "cuda"}  # float32 with bfloat16 / TF32 products
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_worker.py")
 COCO_CLASSES = 91
 
@@ -195,6 +198,10 @@ def run(cfg: DictConfig):
     device = torch.device(runtime.resolve_device(cfg.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device={cfg.device} but no CUDA GPU is visible; use device=cpu")
+    for key, precisions in (("precisions", list(cfg.precisions)), ("profile.precision", [cfg.profile.precision])):
+        elsewhere = [p for p in precisions if FP32_PRECISION_DEVICES.get(p, device.type) != device.type]
+        if elsewhere:
+            raise ConfigError(f"{key}: {elsewhere} not on {device.type} (bf32 is for CPUs, tf32 for CUDA GPUs)")
     run_dir = runtime.run_directory()
     runtime.setup_logging(run_dir, "benchmark.log")
     with open_dict(cfg):

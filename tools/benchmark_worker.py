@@ -4,7 +4,7 @@
 
 SPEC_JSON (written by tools/benchmark.py) holds ``mode`` (inference | training | profile), the
 resolved ``model``, ``criterion`` and ``optimizer`` config nodes, ``num_classes``, ``device``,
-``precision`` (fp32 | bf16 | fp16), ``compile`` (torch.compile the detector), ``batch``,
+``precision`` (fp32 | bf32 | tf32 | bf16 | fp16), ``compile`` (torch.compile the detector), ``batch``,
 ``image_size`` [H, W], ``warmup``, ``iterations`` and ``seed``. Prints one JSON line: the result.
 
 Inputs are random: images (B, 3, H, W) from a normal distribution without padding, and for
@@ -27,9 +27,11 @@ from hydra.utils import instantiate
 
 from deformable_detr.engine.compilation import compile_detector
 from deformable_detr.engine.profiling import label_modules, step_breakdown
-from deformable_detr.engine.precision import AMP_DTYPES, outputs_to_float
+from deformable_detr.engine.precision import AMP_DTYPES, outputs_to_float, set_fp32_precision
 
-PRECISIONS = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
+# the autocast (``amp``) of each precision, and the float32 products' precision (``fp32_precision``)
+PRECISIONS = {"fp32": None, "bf32": None, "tf32": None, "bf16": "bf16", "fp16": "fp16"}
+FP32_PRECISIONS = {"bf32": "bf16", "tf32": "tf32"}
 
 
 # ---------------------------------------------------------------- memory
@@ -98,6 +100,7 @@ class Session:
     def __init__(self, spec: Dict):
         self.spec = spec
         self.device = torch.device(spec["device"])
+        set_fp32_precision(FP32_PRECISIONS.get(spec["precision"]), self.device, key="precisions")
         torch.manual_seed(spec["seed"])
         self.model = instantiate(spec["model"], num_classes=spec["num_classes"]).to(self.device)
         # what is called; the matcher, losses and optimizer stay eager, as in training. Every

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deformable_detr.engine.checkpoint import find_resume, load_resumable, refuse_to_overwrite, remove_stale_temporaries
 from deformable_detr.engine.distributed import init_distributed
+from deformable_detr.engine.precision import set_fp32_precision
 from deformable_detr.engine.rng import seed_everything
 from deformable_detr.engine.run_lock import RunLock
 from deformable_detr.engine.trainer import Trainer, TrainingData, TrainingParts, resolve_amp
@@ -39,9 +40,13 @@ def train(cfg: DictConfig):
     data = runtime.dataset_settings(cfg.dataset)
     device = init_distributed(runtime.resolve_device(cfg.device))
     requested_amp, settings.amp = settings.amp, resolve_amp(settings.amp, device)
+    set_fp32_precision(settings.fp32_precision, device)
     run_dir, lock = open_run_directory(cfg)
     if requested_amp == "auto":
         logger.info("trainer.amp=auto: %s on this %s", settings.amp or "float32 (no autocast)", device.type)
+    if settings.fp32_precision is not None:
+        logger.info("trainer.fp32_precision=%s: float32 matrix products and convolutions %s", settings.fp32_precision,
+                    "exact" if settings.fp32_precision == "ieee" else f"with {settings.fp32_precision} inputs")
     logger.info("run directory %s; %s on %d process(es), device %s", run_dir, cfg.name, distributed.get_world_size(), device)
     seed_everything(cfg.seed + distributed.get_rank())
 

@@ -1,10 +1,76 @@
-"""Mixed precision: the ``amp`` setting of train/eval/infer, autocast, and float32 outputs."""
+"""Precision: the ``amp`` setting of train/eval/infer (autocast, float32 outputs), and how
+float32 matrix products and convolutions compute (``trainer.fp32_precision``)."""
 import contextlib
+import logging
 from typing import Optional
 
 import torch
 
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# float32 products' internal precision per device type: exact (IEEE float32) or the reduced one
+# the hardware multiplies fast while accumulating in float32 (TF32 on CUDA, bfloat16 on CPUs)
+FP32_PRECISIONS = {"cpu": ("ieee", "bf16"), "cuda": ("ieee", "tf32")}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, slower than float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
+    except RuntimeError:
+        return False
+
+
+def check_fp32_precision(precision: Optional[str], device: torch.device, key: str = "trainer.fp32_precision") -> None:
+    """A ConfigError naming ``key`` unless ``precision`` applies to ``device`` (see ``set_fp32_precision``)."""
+    allowed = FP32_PRECISIONS.get(device.type, ("ieee",))
+    if precision is not None and precision not in allowed:
+        other = {"tf32": "CUDA GPUs", "bf16": "CPUs"}.get(precision)
+        where = f" ({precision} is for {other})" if other else ""
+        raise ConfigError(f"{key}={precision} is not one of {', '.join(allowed)} on {device.type}{where}; "
+                          f"null keeps torch's defaults")
+
+
+def set_fp32_precision(precision: Optional[str], device: torch.device, key: str = "trainer.fp32_precision") -> None:
+    """How float32 matrix products and convolutions (``nn.Linear``, ``nn.Conv2d``, ``matmul``)
+    compute on ``device``'s type, process-wide, through torch's ``torch.backends.*.fp32_precision``.
+    Tensors, weights, gradients and optimizer state stay float32 and products accumulate in
+    float32; only the products' inputs are rounded:
+
+    - None: torch's defaults (exact matrix products; on CUDA, cuDNN convolutions in TF32);
+    - "ieee": exact float32 products and convolutions;
+    - "tf32": CUDA products and convolutions on TF32 tensor cores (10 mantissa bits);
+    - "bf16": CPU (oneDNN) products and convolutions with bfloat16 inputs (7 mantissa bits) on
+      AMX or AVX512-BF16 instructions, the CPU's counterpart of TF32.
+
+    Unlike ``amp`` (autocast), nothing else changes: element-wise operations, normalization,
+    softmax and the deformable attention op stay float32. ``key`` names the setting in errors.
+    """
+    check_fp32_precision(precision, device, key)
+    if precision is None:
+        return
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
+        logger.warning("%s=bf16 on a CPU without native bfloat16 instructions: oneDNN has no faster "
+                       "kernels for it here", key)
+    backends = {"cpu": (torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv),
+                "cuda": (torch.backends.cuda.matmul, torch.backends.cudnn.conv)}
+    if device.type not in backends:
+        return
+    # through torch's older global setting first: torch.compile's autotuning reads it back with
+    # torch.get_float32_matmul_precision(), which raises once only the per-backend flags were set;
+    # it also sets the other device type's products, which keep their own flag
+    other = torch.backends.cuda.matmul if device.type == "cpu" else torch.backends.mkldnn.matmul
+    kept = other.fp32_precision
+    torch.set_float32_matmul_precision({"ieee": "highest", "tf32": "high", "bf16": "medium"}[precision])
+    other.fp32_precision = kept
+    for flag in backends[device.type]:
+        flag.fp32_precision = precision
 
 
 def autocast(device: torch.device, amp: Optional[str]):

@@ -21,6 +21,7 @@ from ..visualization import denormalize, draw_detections, sampling_snapshot
 from .checkpoint import CheckpointKeeper
 from .compilation import check_compiler, compile_detector, compiled_graphs
 from .evaluate_loop import evaluate
+from .precision import cpu_has_native_bf16
 from .progress import TrainingProgress
 from .rng import rng_state, set_rng_state
 from .train_step import TrainStep, skip_schedule_step
@@ -44,7 +45,9 @@ class TrainerSettings:
     updated after every optimizer step and used for evaluation (None: off). accumulate_steps:
     batches per optimizer step (gradient accumulation; the schedule counts optimizer steps).
     compile: train and evaluate through ``torch.compile`` of the detector (see
-    ``compilation.compile_detector``; the matcher and losses run eagerly).
+    ``compilation.compile_detector``; the matcher and losses run eagerly). fp32_precision: how
+    float32 matrix products and convolutions compute, None (torch's defaults), "ieee", "tf32"
+    (CUDA) or "bf16" (CPUs); see ``precision.set_fp32_precision``.
     """
 
     epochs: int = 50
@@ -61,6 +64,7 @@ class TrainerSettings:
     ema_decay: Optional[float] = None
     accumulate_steps: int = 1
     compile: bool = False
+    fp32_precision: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.accumulate_steps < 1:
@@ -69,16 +73,8 @@ class TrainerSettings:
             raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.9998, or null for no EMA")
         if self.amp not in (None, "bf16", "fp16", "auto"):
             raise ConfigError(f"trainer.amp={self.amp} is not one of null, bf16, fp16, auto")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
-    emulates it, slower than float32."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    try:
-        return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
-    except RuntimeError:
-        return False
+        if self.fp32_precision not in (None, "ieee", "tf32", "bf16"):
+            raise ConfigError(f"trainer.fp32_precision={self.fp32_precision} is not one of null, ieee, tf32 (CUDA), bf16 (CPU)")
 
 
 def _groups(iterable, size: int):
