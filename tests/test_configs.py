@@ -60,8 +60,8 @@ def test_official_recipe_values():
 def test_the_default_is_the_small_synthetic_recipe():
     cfg = compose_config("train")
     assert cfg.name == "small" and cfg.dataset.kind == "synthetic" and cfg.model.backbone.pretrained is False
-    # its training batches pad to multiples of 32; the official recipes pad as the reference does
-    assert cfg.dataset.train_pad_multiple == 32
+    # every recipe's training batches pad to their largest image, as the reference does
+    assert cfg.dataset.train_pad_multiple == 0
     for experiment in OFFICIAL_EXPERIMENTS:
         assert compose_config("train", [f"experiment={experiment}", "dataset=coco"]).dataset.train_pad_multiple == 0
 
