@@ -1,5 +1,7 @@
 """``trainer.fp32_precision``: float32 matrix products and convolutions with bfloat16 inputs on
 CPUs (TF32 on CUDA), set through torch's backend flags; wrong values name the key."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +120,14 @@ def test_a_run_trains_with_bfloat16_products_and_says_so(tmp_path):
     log = (run / "train.log").read_text()
     assert "trainer.fp32_precision=bf16: float32 matrix products and convolutions with bf16 inputs" in log
     assert (run / "checkpoint_last.pth").is_file()
+
+
+@pytest.mark.slow
+def test_benchmark_measures_bfloat16_products(tmp_path):
+    result = run_tool("benchmark", "experiment=tiny_test", "device=cpu", "image_size=[64,64]", "warmup=0", "iterations=1",
+                      "precisions=[fp32,bf32]", "compile=[false]", "training_batch_size=1", "measure=[training]",
+                      f"hydra.run.dir={tmp_path}")
+    assert_ok(result)
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["training"]
+    assert [row["precision"] for row in rows] == ["fp32", "bf32"] and all("error" not in row for row in rows)
+    assert "| training bf32, batch 1, eager |" in result.stdout
