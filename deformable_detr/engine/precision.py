@@ -47,7 +47,8 @@ def set_fp32_precision(precision: Optional[str], device: torch.device, key: str 
     - "ieee": exact float32 products and convolutions;
     - "tf32": CUDA products and convolutions on TF32 tensor cores (10 mantissa bits);
     - "bf16": CPU (oneDNN) products and convolutions with bfloat16 inputs (7 mantissa bits) on
-      AMX or AVX512-BF16 instructions, the CPU's counterpart of TF32.
+      the CPU's bfloat16 units (AMX; AVX512-BF16 where oneDNN has kernels for it), the CPU's
+      counterpart of TF32.
 
     Unlike ``amp`` (autocast), nothing else changes: element-wise operations, normalization,
     softmax and the deformable attention op stay float32. ``key`` names the setting in errors.
