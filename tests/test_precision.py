@@ -17,9 +17,12 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def restore_flags():
-    """The flags are process-wide: every test leaves them as it found them."""
+    """The flags are process-wide: every test leaves them as it found them (torch's older global
+    setting, which ``set_fp32_precision`` goes through, first)."""
+    legacy = torch.get_float32_matmul_precision()
     saved = [flag.fp32_precision for flag in FLAGS]
     yield
+    torch.set_float32_matmul_precision(legacy)
     for flag, value in zip(FLAGS, saved):
         flag.fp32_precision = value
 
@@ -78,6 +81,12 @@ def test_tf32_sets_the_cuda_flags_only(restore_flags):
     assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
     assert torch.backends.mkldnn.matmul.fp32_precision == cpu_products
     assert torch.get_float32_matmul_precision() == "high"
+
+
+def test_the_fixture_leaves_exact_products_behind(restore_flags):
+    # runs after the tests above: what they set is undone, products are exact again
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee")
 
 
 def test_none_leaves_torchs_flags_alone(restore_flags):
