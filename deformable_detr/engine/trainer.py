@@ -21,7 +21,7 @@ from ..visualization import denormalize, draw_detections, sampling_snapshot
 from .checkpoint import CheckpointKeeper
 from .compilation import check_compiler, compile_detector, compiled_graphs
 from .evaluate_loop import evaluate
-from .precision import cpu_has_native_bf16
+from .precision import FP32_PRECISIONS, cpu_has_native_bf16
 from .progress import TrainingProgress
 from .rng import rng_state, set_rng_state
 from .train_step import TrainStep, skip_schedule_step
@@ -73,7 +73,7 @@ class TrainerSettings:
             raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.9998, or null for no EMA")
         if self.amp not in (None, "bf16", "fp16", "auto"):
             raise ConfigError(f"trainer.amp={self.amp} is not one of null, bf16, fp16, auto")
-        if self.fp32_precision not in (None, "ieee", "tf32", "bf16"):
+        if self.fp32_precision is not None and not any(self.fp32_precision in v for v in FP32_PRECISIONS.values()):
             raise ConfigError(f"trainer.fp32_precision={self.fp32_precision} is not one of null, ieee, tf32 (CUDA), bf16 (CPU)")
 
 
