@@ -4,7 +4,9 @@ and a pure-PyTorch reference.
     from deformable_detr_ops import ms_deform_attn
     output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
-``dropout`` is ``torch.nn.functional.dropout`` with a one-pass CPU kernel (ops/hash_dropout.py).
+``dropout`` is ``torch.nn.functional.dropout`` with a one-pass CPU kernel, and ``linear_relu_dropout``
+a feed-forward network's hidden layer with its bias, ReLU and dropout in one such pass
+(ops/hash_dropout.py).
 
 Importing never fails: without a usable build, one warning says how to build and
 everything runs the reference.
@@ -19,7 +21,7 @@ from .dispatch import (
     ms_deform_attn,
 )
 from .reference import ms_deform_attn_reference
-from .hash_dropout import dropout, register as _register_dropout
+from .hash_dropout import dropout, linear_relu_dropout, register as _register_dropout
 
 _register_dropout()
 
@@ -33,6 +35,7 @@ __all__ = [
     "kernel_available",
     "library_error",
     "library_loaded",
+    "linear_relu_dropout",
     "ms_deform_attn",
     "ms_deform_attn_reference",
 ]

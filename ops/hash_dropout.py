@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from . import extension
 
 OPERATOR = "deformable_attention::hash_dropout"
+RELU_OPERATOR = "deformable_attention::hash_dropout_relu"
 
 _registered = False
+_relu_registered = False
 
 # SplitMix64's constants (Steele, Lea and Flood, 2014), as int64 bit patterns
 _GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -43,22 +45,66 @@ def _backward(ctx, grad_output):
     return torch.ops.deformable_attention.hash_dropout(grad_output, seed, ctx.p), None, None
 
 
+def _relu_fake(input, bias, seed, p):
+    return input.new_empty(input.shape)
+
+
+def _relu_backward_fake(grad_output, output, p):
+    return grad_output.new_empty(grad_output.shape)
+
+
+def _relu_setup_context(ctx, inputs, output):
+    _, bias, _, p = inputs
+    # the output decides the gradient (kept and positive), so neither the mask nor the input is
+    # stored; the next layer keeps the same tensor for its own backward anyway
+    ctx.save_for_backward(output)
+    ctx.p = p
+    ctx.bias_shape = None if bias is None else bias.shape
+
+
+def _relu_backward(ctx, grad_output):
+    (output,) = ctx.saved_tensors
+    grad_input = torch.ops.deformable_attention.hash_dropout_relu_backward(grad_output.contiguous(), output, ctx.p)
+    grad_bias = None
+    if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
+        grad_bias = grad_input.reshape(-1, ctx.bias_shape[0]).sum(0)
+    return grad_input, grad_bias, None, None
+
+
+def _relu_backward_setup_context(ctx, inputs, output):
+    _, kept, p = inputs
+    ctx.save_for_backward(kept)
+    ctx.p = p
+
+
+def _relu_backward_backward(ctx, grad):
+    # linear in grad_output; piecewise constant (zero derivative) in the output that selects
+    (kept,) = ctx.saved_tensors
+    return torch.ops.deformable_attention.hash_dropout_relu_backward(grad.contiguous(), kept, ctx.p), None, None
+
+
 def register():
-    """Registers the fake implementation and autograd of the loaded C++ operator (idempotent)."""
-    global _registered
-    if _registered or not kernel_loaded():
-        return
-    torch.library.register_fake(OPERATOR)(_fake)
-    torch.library.register_autograd(OPERATOR, _backward, setup_context=_setup_context)
-    _registered = True
+    """Registers the fake implementations and autograd of the loaded C++ operators (idempotent)."""
+    global _registered, _relu_registered
+    if not _registered and kernel_loaded():
+        torch.library.register_fake(OPERATOR)(_fake)
+        torch.library.register_autograd(OPERATOR, _backward, setup_context=_setup_context)
+        _registered = True
+    if not _relu_registered and kernel_loaded("hash_dropout_relu"):
+        torch.library.register_fake(RELU_OPERATOR)(_relu_fake)
+        torch.library.register_fake(RELU_OPERATOR + "_backward")(_relu_backward_fake)
+        torch.library.register_autograd(RELU_OPERATOR + "_backward", _relu_backward_backward,
+                                        setup_context=_relu_backward_setup_context)
+        torch.library.register_autograd(RELU_OPERATOR, _relu_backward, setup_context=_relu_setup_context)
+        _relu_registered = True
 
 
-def kernel_loaded():
-    """Whether the loaded library has the kernel (a build from before it was added has not)."""
+def kernel_loaded(name: str = "hash_dropout"):
+    """Whether the loaded library has the kernel ``name`` (a build from before it was added has not)."""
     if not extension.library_loaded():
         return False
     try:
-        torch.ops.deformable_attention.hash_dropout
+        getattr(torch.ops.deformable_attention, name)
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -84,6 +130,37 @@ def dropout(input, p=0.5, training=True):
         return F.dropout(input, p, True)
     seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
     return torch.ops.deformable_attention.hash_dropout(input, seed, p)
+
+
+def linear_relu_dropout(input, weight, bias=None, p=0.5, training=True):
+    """``dropout(relu(linear(input, weight, bias)), p, training)``, the hidden layer of a transformer's
+    feed-forward network, with ``dropout`` as above. On the CPU in training, the bias, ReLU and
+    dropout take one pass of the ``hash_dropout_relu`` kernel after a bias-free matrix product,
+    instead of four (the bias copy of ``addmm``, ReLU, dropout; ReLU's backward), and only the
+    output is kept for the backward. The mask is ``dropout``'s under the same seed; the values are
+    the unfused layer's bit for bit where ``addmm`` adds the bias after the whole product (MKL
+    does for 256 input channels, the transformers' width) and within rounding elsewhere. Under autocast the product keeps its bias (the
+    autocast dtype's rounding stays as ``linear``'s) and the kernel does ReLU and dropout.
+
+    Args:
+        input: (*, C_in). weight: (C_out, C_in). bias: (C_out,) or None. p, training: as ``dropout``.
+    Returns:
+        (*, C_out).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return F.relu(F.linear(input, weight, bias))
+    # p = 1 leaves nothing to scale: hash_dropout's path zeroes the output and its gradient
+    fused = _relu_registered and input.device.type == "cpu" and input.is_floating_point() and p < 1.0
+    if not fused:
+        return dropout(F.relu(F.linear(input, weight, bias)), p, training)
+    if torch.is_autocast_enabled("cpu") or bias is None or weight.shape[0] % 2 or bias.dtype != input.dtype:
+        hidden, bias = F.linear(input, weight, bias), None
+    else:
+        hidden = torch.matmul(input, weight.t())
+    seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
+    return torch.ops.deformable_attention.hash_dropout_relu(hidden, bias, seed, p)
 
 
 def hash_dropout_reference(input, seed, p):

@@ -6,12 +6,11 @@ import copy
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..utils.box_ops import inverse_sigmoid
 from .deformable_attention import MSDeformAttn
-from .dropout import Dropout
+from .dropout import Dropout, feed_forward_hidden
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -38,7 +37,7 @@ class DeformableDecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
-        tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        tgt2 = self.linear2(feed_forward_hidden(self.linear1, self.dropout3, tgt))
         return self.norm3(tgt + self.dropout4(tgt2))
 
     def query_self_attention(self, q: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The transformer's dropout layer: ``nn.Dropout`` through the op package's one-pass CPU kernel."""
+"""The transformer's dropout layer, and its feed-forward hidden layer, through the op package's
+one-pass CPU kernels."""
 import torch
 from torch import nn
 
@@ -15,3 +16,12 @@ class Dropout(nn.Dropout):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """input (*) -> (*), unchanged in eval mode."""
         return deformable_detr_ops.dropout(input, self.p, self.training)
+
+
+def feed_forward_hidden(linear: nn.Linear, dropout: nn.Dropout, input: torch.Tensor) -> torch.Tensor:
+    """``dropout(relu(linear(input)))``, the hidden layer of a feed-forward network, through
+    ``deformable_detr_ops.linear_relu_dropout``: on the CPU in training the bias, ReLU and dropout
+    are one pass over the (often largest) activation of the layer, with the same values (see there).
+
+    input (*, C_in) -> (*, C_out) for ``linear`` C_in -> C_out; ``dropout`` gives p and the mode."""
+    return deformable_detr_ops.linear_relu_dropout(input, linear.weight, linear.bias, dropout.p, dropout.training)

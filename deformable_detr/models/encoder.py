@@ -6,11 +6,10 @@ import copy
 from typing import Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .deformable_attention import MSDeformAttn
-from .dropout import Dropout
+from .dropout import Dropout, feed_forward_hidden
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -31,7 +30,7 @@ class DeformableEncoderLayer(nn.Module):
         """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S) -> (N, S, C)."""
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(src2))
-        src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        src2 = self.linear2(feed_forward_hidden(self.linear1, self.dropout2, src))
         return self.norm2(src + self.dropout3(src2))
 
 

@@ -84,20 +84,192 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void pairs_avx512(
 }
 #endif
 
-at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p) {
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, "hash_dropout: p must be in [0, 1], got ", p);
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
-              "hash_dropout: seed must be one int64 CPU value, got ", seed.scalar_type(), " ", seed.sizes());
-  TORCH_CHECK(input.is_floating_point(), "hash_dropout: input must be floating point, got ", input.scalar_type());
-  const at::Tensor source = input.contiguous();
-  at::Tensor output = at::empty(source.sizes(), source.options());
-  // keep when the 32 hash bits are >= threshold: P(keep) = 1 - threshold / 2^32; a p within
-  // 2^-33 of 1 rounds to 2^32, which no 32 bits reach
+// hash_dropout_relu: output[i] = keep(seed, i) ? max(input[i] + bias[i % C], 0) / (1 - p) : 0, the
+// mask being hash_dropout's. Pairs [begin, end) of rows of C (even) elements; the bias index
+// restarts at every row, so the inner loop is a plain vectorizable loop. Without a bias, C = n.
+// ReLU is written "x < 0 ? 0 : x" so that a NaN stays NaN, as in torch.relu.
+template <typename scalar_t, typename acc_t>
+HASH_DROPOUT_INLINE void relu_pairs(const scalar_t* input, const scalar_t* bias, scalar_t* output, int64_t begin,
+                                    int64_t end, int64_t n, int64_t half_row, uint64_t seed, uint32_t threshold,
+                                    acc_t scale) {
+  const int64_t full_end = std::min(end, n / 2);
+  int64_t k = begin;
+  while (k < full_end) {
+    const int64_t row_start = (k / half_row) * half_row;
+    const int64_t stop = std::min(full_end, row_start + half_row);
+    const scalar_t* b = bias == nullptr ? nullptr : bias + 2 * (k - row_start);
+    const int64_t count = stop - k;
+    for (int64_t j = 0; j < count; ++j) {
+      const uint64_t bits = mix(seed, static_cast<uint64_t>(k + j));
+      const uint32_t low = static_cast<uint32_t>(bits);
+      const uint32_t high = static_cast<uint32_t>(bits >> 32);
+      acc_t a = static_cast<acc_t>(input[2 * (k + j)]);
+      acc_t c = static_cast<acc_t>(input[2 * (k + j) + 1]);
+      if (b != nullptr) {
+        a += static_cast<acc_t>(b[2 * j]);
+        c += static_cast<acc_t>(b[2 * j + 1]);
+      }
+      a = (a < acc_t(0) ? acc_t(0) : a) * scale;
+      c = (c < acc_t(0) ? acc_t(0) : c) * scale;
+      output[2 * (k + j)] = static_cast<scalar_t>(low >= threshold ? a : acc_t(0));
+      output[2 * (k + j) + 1] = static_cast<scalar_t>(high >= threshold ? c : acc_t(0));
+    }
+    k = stop;
+  }
+  if (end > full_end && (n & 1)) {  // the last, unpaired element (no bias: odd rows have none)
+    const int64_t last = n / 2;
+    const uint32_t low = static_cast<uint32_t>(mix(seed, static_cast<uint64_t>(last)));
+    acc_t a = static_cast<acc_t>(input[2 * last]);
+    a = (a < acc_t(0) ? acc_t(0) : a) * scale;
+    output[2 * last] = static_cast<scalar_t>(low >= threshold ? a : acc_t(0));
+  }
+}
+
+// The gradient of hash_dropout_relu from its output: grad * scale where output > 0, else 0.
+// "output <= 0" (not "!(output > 0)") lets a NaN output pass the gradient, as threshold_backward does.
+template <typename scalar_t, typename acc_t>
+HASH_DROPOUT_INLINE void relu_backward_range(const scalar_t* grad, const scalar_t* output, scalar_t* grad_input,
+                                             int64_t begin, int64_t end, acc_t scale) {
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t g = static_cast<acc_t>(grad[i]) * scale;
+    grad_input[i] = static_cast<scalar_t>(output[i] <= scalar_t(0) ? acc_t(0) : g);
+  }
+}
+
+#if MSDA_X86
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void relu_pairs_avx2(const scalar_t* input, const scalar_t* bias,
+                                                         scalar_t* output, int64_t begin, int64_t end, int64_t n,
+                                                         int64_t half_row, uint64_t seed, uint32_t threshold,
+                                                         acc_t scale) {
+  relu_pairs(input, bias, output, begin, end, n, half_row, seed, threshold, scale);
+}
+
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void relu_pairs_avx512(
+    const scalar_t* input, const scalar_t* bias, scalar_t* output, int64_t begin, int64_t end, int64_t n,
+    int64_t half_row, uint64_t seed, uint32_t threshold, acc_t scale) {
+  relu_pairs(input, bias, output, begin, end, n, half_row, seed, threshold, scale);
+}
+
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void relu_backward_avx512(
+    const scalar_t* grad, const scalar_t* output, scalar_t* grad_input, int64_t begin, int64_t end, acc_t scale) {
+  relu_backward_range(grad, output, grad_input, begin, end, scale);
+}
+#endif
+
+// keep when the 32 hash bits are >= threshold: P(keep) = 1 - threshold / 2^32; a p within 2^-33
+// of 1 rounds to 2^32, which no 32 bits reach (returned as false: everything is dropped)
+bool drop_threshold(double p, uint32_t* threshold) {
   const int64_t rounded = std::llround(p * 4294967296.0);
   if (rounded >= (int64_t(1) << 32)) {
+    return false;
+  }
+  *threshold = static_cast<uint32_t>(rounded);
+  return true;
+}
+
+void check_arguments(const char* name, const at::Tensor& input, const at::Tensor& seed, double p) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, name, ": p must be in [0, 1], got ", p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), name,
+              ": seed must be one int64 CPU value, got ", seed.scalar_type(), " ", seed.sizes());
+  TORCH_CHECK(input.is_floating_point(), name, ": input must be floating point, got ", input.scalar_type());
+}
+
+at::Tensor relu_forward_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias, const at::Tensor& seed,
+                            double p) {
+  check_arguments("hash_dropout_relu", input, seed, p);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t n = input.numel();
+  int64_t row = n;
+  at::Tensor bias_values;
+  if (has_bias) {
+    TORCH_CHECK(input.dim() >= 1 && bias->dim() == 1 && bias->size(0) == input.size(-1),
+                "hash_dropout_relu: bias must have shape (C,) for an input (..., C); got ", bias->sizes(), " and ",
+                input.sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "hash_dropout_relu: bias dtype ", bias->scalar_type(),
+                " differs from the input's ", input.scalar_type());
+    TORCH_CHECK(bias->device().is_cpu(), "hash_dropout_relu: bias must be a CPU tensor");
+    TORCH_CHECK(input.size(-1) % 2 == 0, "hash_dropout_relu: a bias needs an even last dimension, got ",
+                input.size(-1));
+    bias_values = bias->contiguous();
+    row = input.size(-1);
+  }
+  const at::Tensor source = input.contiguous();
+  at::Tensor output = at::empty(source.sizes(), source.options());
+  uint32_t threshold = 0;
+  if (!drop_threshold(p, &threshold)) {
     return output.zero_();
   }
-  const uint32_t threshold = static_cast<uint32_t>(rounded);
+  if (n == 0) {
+    return output;
+  }
+  const int64_t half_row = std::max<int64_t>(row / 2, 1);
+  const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
+  const Isa chosen = cpu_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "hash_dropout_relu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+    const scalar_t* in = source.const_data_ptr<scalar_t>();
+    const scalar_t* b = has_bias ? bias_values.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, (n + 1) / 2, kGrainPairs, [&](int64_t begin, int64_t end) {
+#if MSDA_X86
+      if (chosen == Isa::kAvx512) {
+        relu_pairs_avx512<scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
+        return;
+      }
+      if (chosen == Isa::kAvx2) {
+        relu_pairs_avx2<scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
+        return;
+      }
+#endif
+      relu_pairs<scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
+    });
+    (void)chosen;
+  });
+  return output;
+}
+
+at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output, double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "hash_dropout_relu_backward: p must be in [0, 1), got ", p);
+  TORCH_CHECK(grad_output.sizes() == output.sizes() && grad_output.scalar_type() == output.scalar_type(),
+              "hash_dropout_relu_backward: grad_output ", grad_output.sizes(), " ", grad_output.scalar_type(),
+              " does not match the output ", output.sizes(), " ", output.scalar_type());
+  const at::Tensor grad = grad_output.contiguous();
+  const at::Tensor kept = output.contiguous();
+  at::Tensor grad_input = at::empty(grad.sizes(), grad.options());
+  const int64_t n = grad.numel();
+  const Isa chosen = cpu_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "hash_dropout_relu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* o = kept.const_data_ptr<scalar_t>();
+    scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 2 * kGrainPairs, [&](int64_t begin, int64_t end) {
+#if MSDA_X86
+      if (chosen == Isa::kAvx512) {
+        relu_backward_avx512<scalar_t, acc_t>(g, o, gi, begin, end, scale);
+        return;
+      }
+#endif
+      relu_backward_range<scalar_t, acc_t>(g, o, gi, begin, end, scale);
+    });
+    (void)chosen;
+  });
+  return grad_input;
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p) {
+  check_arguments("hash_dropout", input, seed, p);
+  const at::Tensor source = input.contiguous();
+  at::Tensor output = at::empty(source.sizes(), source.options());
+  uint32_t threshold = 0;
+  if (!drop_threshold(p, &threshold)) {
+    return output.zero_();
+  }
   const int64_t n = source.numel();
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
   const Isa chosen = cpu_isa();
@@ -127,4 +299,8 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p
 }  // namespace
 }  // namespace hash_dropout
 
-TORCH_LIBRARY_IMPL(deformable_attention, CPU, m) { m.impl("hash_dropout", &hash_dropout::forward_cpu); }
+TORCH_LIBRARY_IMPL(deformable_attention, CPU, m) {
+  m.impl("hash_dropout", &hash_dropout::forward_cpu);
+  m.impl("hash_dropout_relu", &hash_dropout::relu_forward_cpu);
+  m.impl("hash_dropout_relu_backward", &hash_dropout::relu_backward_cpu);
+}

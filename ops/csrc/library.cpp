@@ -23,6 +23,11 @@ TORCH_LIBRARY(deformable_attention, m) {
   // Dropout whose mask is a hash of (seed, element index), CPU (hash_dropout_cpu.cpp): input of
   // any shape and floating dtype, seed () int64 -> the input's shape, contiguous. Its own backward.
   m.def("hash_dropout(Tensor input, Tensor seed, float p) -> Tensor");
+  // hash_dropout of relu(input + bias) in one pass, bias (C,) over the last dimension (even) of the
+  // input, or none: the mask equals hash_dropout's under the same seed. Its backward takes the
+  // forward's output: grad / (1 - p) where output > 0, else 0.
+  m.def("hash_dropout_relu(Tensor input, Tensor? bias, Tensor seed, float p) -> Tensor");
+  m.def("hash_dropout_relu_backward(Tensor grad_output, Tensor output, float p) -> Tensor");
 }
 
 static struct PyModuleDef module_definition = {
