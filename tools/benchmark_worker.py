@@ -9,13 +9,12 @@ resolved ``model``, ``criterion`` and ``optimizer`` config nodes, ``num_classes`
 
 Inputs are random: images (B, 3, H, W) from a normal distribution without padding, and for
 training 1 to 10 random boxes per image with random labels. Times are taken with the allocators
-as training runs them. Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed
-iterations; on the CPU the process's peak resident set (VmHWM, reset through
+as training runs them (glibc's malloc keeping freed memory, deformable_detr/utils/allocator.py).
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed iterations; on the CPU the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over one more iteration after the timed ones, with glibc's malloc told to
 return freed blocks to the system at once (which slows it down, hence not while timing), so that
 the resident set follows the memory in use; weights and inputs included.
 """
-import ctypes
 import json
 import statistics
 import sys
@@ -28,6 +27,7 @@ from hydra.utils import instantiate
 from deformable_detr.engine.compilation import compile_detector
 from deformable_detr.engine.profiling import label_modules, step_breakdown
 from deformable_detr.engine.precision import AMP_DTYPES, outputs_to_float, set_fp32_precision
+from deformable_detr.utils import allocator
 
 # the autocast (``amp``) of each precision, and the float32 products' precision (``fp32_precision``)
 PRECISIONS = {"fp32": None, "bf32": None, "tf32": None, "bf16": "bf16", "fp16": "fp16"}
@@ -54,19 +54,6 @@ def _reset_peak(device: torch.device) -> bool:
         return True
     except OSError:
         return False
-
-
-def _return_freed_memory() -> None:
-    """Make glibc's malloc hand freed blocks of 1 MiB and more back to the system at once (and trim
-    now), so the resident set follows the memory in use. Without glibc: left as it is."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 20)
-    libc.malloc_trim(0)
 
 
 def _peak_mib(device: torch.device) -> float:
@@ -176,7 +163,7 @@ def measure_speed(spec: Dict) -> Dict:
         return {"error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
     seconds = [timed(session) for _ in range(spec["iterations"])]
     if session.device.type == "cpu":
-        _return_freed_memory()
+        allocator.return_freed_memory()
         _reset_peak(session.device)
         timed(session)
     median = statistics.median(seconds)
@@ -218,6 +205,7 @@ def profile_training(spec: Dict) -> Dict:
 
 def main():
     spec = json.loads(sys.argv[1])
+    allocator.keep_freed_memory()  # as the tools run (tools/runtime.py)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = profile_training(spec) if spec["mode"] == "profile" else measure_speed(spec)
