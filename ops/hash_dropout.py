@@ -11,6 +11,10 @@ per call, so ``torch.manual_seed`` and saved generator states reproduce runs as 
 
 The masks are other random numbers than ``torch.nn.functional.dropout``'s, with the same
 distribution: each element kept independently with probability 1 - p (to 2^-32).
+
+``hash_dropout_relu`` (same file) is hash_dropout of relu(input + bias) in one pass, for the
+hidden layer of a feed-forward network (``linear_relu_dropout``); its backward needs only the
+output, since an element passes its gradient exactly when its output is positive.
 """
 import torch
 import torch.nn.functional as F
@@ -139,8 +143,9 @@ def linear_relu_dropout(input, weight, bias=None, p=0.5, training=True):
     instead of four (the bias copy of ``addmm``, ReLU, dropout; ReLU's backward), and only the
     output is kept for the backward. The mask is ``dropout``'s under the same seed; the values are
     the unfused layer's bit for bit where ``addmm`` adds the bias after the whole product (MKL
-    does for 256 input channels, the transformers' width) and within rounding elsewhere. Under autocast the product keeps its bias (the
-    autocast dtype's rounding stays as ``linear``'s) and the kernel does ReLU and dropout.
+    does for 256 input channels, the transformers' width) and within rounding elsewhere. Under
+    autocast the product keeps its bias (the autocast dtype's rounding stays as ``linear``'s)
+    and the kernel does ReLU and dropout.
 
     Args:
         input: (*, C_in). weight: (C_out, C_in). bias: (C_out,) or None. p, training: as ``dropout``.
