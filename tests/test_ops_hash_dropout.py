@@ -32,14 +32,23 @@ def test_kernel_is_its_reference_bit_for_bit(dtype, shape):
 @requires_kernel
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_narrower_instruction_sets_compute_the_same_bits(isa):
-    """The loop is compiled for baseline x86-64, AVX2 and AVX-512; the CPU picks one per process."""
+    """The loops are compiled for baseline x86-64, AVX2 and AVX-512; the CPU picks one per process.
+    The feed-forward kernel (hash_dropout_relu, with and without a bias, and its backward) too."""
     script = (
-        "import torch\nimport deformable_detr_ops\n"
+        "import torch, torch.nn.functional as F\nimport deformable_detr_ops\n"
         "from deformable_detr_ops.hash_dropout import hash_dropout_reference\n"
+        "op = torch.ops.deformable_attention\n"
         "for dtype in (torch.float32, torch.float64, torch.bfloat16):\n"
         "    x = torch.randn(3, 1001).to(dtype)\n"
         "    seed = torch.tensor(987654321)\n"
-        "    assert torch.equal(torch.ops.deformable_attention.hash_dropout(x, seed, 0.3), hash_dropout_reference(x, seed, 0.3))\n"
+        "    assert torch.equal(op.hash_dropout(x, seed, 0.3), hash_dropout_reference(x, seed, 0.3))\n"
+        "    x, b, g = torch.randn(3, 1002).to(dtype), torch.randn(1002).to(dtype), torch.randn(3, 1002).to(dtype)\n"
+        "    c = torch.promote_types(dtype, torch.float32)\n"
+        "    out = op.hash_dropout_relu(x, b, seed, 0.3)\n"
+        "    assert torch.equal(out, hash_dropout_reference(F.relu(x.to(c) + b.to(c)), seed, 0.3).to(dtype))\n"
+        "    assert torch.equal(op.hash_dropout_relu(x, None, seed, 0.3), hash_dropout_reference(F.relu(x), seed, 0.3))\n"
+        "    scaled = (g.to(c) * (1 / 0.7)).to(dtype)\n"
+        "    assert torch.equal(op.hash_dropout_relu_backward(g, out, 0.3), torch.where(out > 0, scaled, torch.zeros_like(g)))\n"
         "print('same bits')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, MS_DEFORM_ATTN_CPU_ISA=isa),

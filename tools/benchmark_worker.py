@@ -10,10 +10,11 @@ resolved ``model``, ``criterion`` and ``optimizer`` config nodes, ``num_classes`
 Inputs are random: images (B, 3, H, W) from a normal distribution without padding, and for
 training 1 to 10 random boxes per image with random labels. Times are taken with the allocators
 as training runs them (glibc's malloc keeping freed memory, deformable_detr/utils/allocator.py).
-Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed iterations; on the CPU the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) over one more iteration after the timed ones, with glibc's malloc told to
-return freed blocks to the system at once (which slows it down, hence not while timing), so that
-the resident set follows the memory in use; weights and inputs included.
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed iterations; on the CPU the
+process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over one more iteration
+after the timed ones, with glibc's malloc told to return freed blocks to the system at once
+(which slows it down, hence not while timing), so that the resident set follows the memory in
+use; weights and inputs included.
 """
 import json
 import statistics

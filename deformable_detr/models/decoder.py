@@ -79,11 +79,12 @@ def attention_with_dropout(attention: nn.MultiheadAttention, q: torch.Tensor, va
     weight, bias = attention.in_proj_weight, attention.in_proj_bias
     # queries and keys from the same input: one product for both
     qk = F.linear(q, weight[: 2 * channels], bias[: 2 * channels]).view(n, queries, 2, heads, head_channels)
-    queries_, keys = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, Q, D) each
-    values = F.linear(value, weight[2 * channels:], bias[2 * channels:]).view(n, queries, heads, head_channels).transpose(1, 2)
-    weights = torch.softmax((queries_ * head_channels ** -0.5) @ keys.transpose(-2, -1), dim=-1)
-    weights = deformable_detr_ops.dropout(weights, attention.dropout, True)
-    output = (weights @ values).transpose(1, 2).reshape(n, queries, channels)
+    query_heads, key_heads = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, Q, D) each
+    value_heads = F.linear(value, weight[2 * channels:], bias[2 * channels:])
+    value_heads = value_heads.view(n, queries, heads, head_channels).transpose(1, 2)
+    weights = torch.softmax((query_heads * head_channels ** -0.5) @ key_heads.transpose(-2, -1), dim=-1)
+    weights = deformable_detr_ops.dropout(weights, attention.dropout, True)  # (N, H, Q, Q)
+    output = (weights @ value_heads).transpose(1, 2).reshape(n, queries, channels)
     return attention.out_proj(output)
 
 

@@ -10,6 +10,11 @@
 // SplitMix64's output function at counter k (seed + (k + 1) * golden gamma,
 // then two xor-shift-multiply rounds), and is kept when those bits are
 // >= round(p * 2^32). ops/hash_dropout.py has the same function in PyTorch.
+//
+// hash_dropout_relu, for a feed-forward network's hidden layer, is the same
+// dropout of relu(input + bias) (bias over the last dimension, or none) in one
+// pass. Its backward takes the output: an element passes its gradient, scaled
+// by 1 / (1 - p), exactly when its output is positive.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +24,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <type_traits>
 
 #include "cpu_isa.h"
 
@@ -45,87 +52,52 @@ HASH_DROPOUT_INLINE uint64_t mix(uint64_t seed, uint64_t counter) {
   return z ^ (z >> 31);
 }
 
-// Elements [2 * begin, 2 * end) of n. acc_t: the type the scaling is computed in.
-template <typename scalar_t, typename acc_t>
-HASH_DROPOUT_INLINE void pairs(const scalar_t* input, scalar_t* output, int64_t begin, int64_t end, int64_t n, uint64_t seed,
-                  uint32_t threshold, acc_t scale) {
+// f(x) / (1 - p), f being ReLU (kRelu) or the identity. ReLU is written "x < 0 ? 0 : x" so that
+// a NaN stays NaN, as in torch.relu.
+template <bool kRelu, typename acc_t>
+HASH_DROPOUT_INLINE acc_t scaled(acc_t x, acc_t scale) {
+  return (kRelu && x < acc_t(0) ? acc_t(0) : x) * scale;
+}
+
+// Elements [2 * begin, 2 * end) of n: output = keep ? f(input + bias) / (1 - p) : 0, f being ReLU
+// (kRelu) or the identity, the bias (kBias) restarting every row of 2 * half_row elements (the
+// last dimension), so that the inner loop is a plain vectorizable loop; without a bias one row
+// spans the tensor. acc_t: the type the sum and scaling are computed in.
+template <bool kRelu, bool kBias, typename scalar_t, typename acc_t>
+HASH_DROPOUT_INLINE void pairs(const scalar_t* input, const scalar_t* bias, scalar_t* output, int64_t begin,
+                               int64_t end, int64_t n, int64_t half_row, uint64_t seed, uint32_t threshold,
+                               acc_t scale) {
   const int64_t full_end = std::min(end, n / 2);
-  for (int64_t k = begin; k < full_end; ++k) {
-    const uint64_t bits = mix(seed, static_cast<uint64_t>(k));
-    const uint32_t low = static_cast<uint32_t>(bits);
-    const uint32_t high = static_cast<uint32_t>(bits >> 32);
-    const acc_t a = static_cast<acc_t>(input[2 * k]) * scale;
-    const acc_t b = static_cast<acc_t>(input[2 * k + 1]) * scale;
-    output[2 * k] = static_cast<scalar_t>(low >= threshold ? a : acc_t(0));
-    output[2 * k + 1] = static_cast<scalar_t>(high >= threshold ? b : acc_t(0));
-  }
-  if (end > full_end && (n & 1)) {  // the last, unpaired element
-    const int64_t k = n / 2;
-    const uint32_t low = static_cast<uint32_t>(mix(seed, static_cast<uint64_t>(k)));
-    output[2 * k] = static_cast<scalar_t>(low >= threshold ? static_cast<acc_t>(input[2 * k]) * scale : acc_t(0));
-  }
-}
-
-// The same loop compiled for AVX2 and for AVX-512 (whose 64-bit multiplies make the hash
-// 1.6x faster than AVX2's emulated ones on a 15M-element tensor), picked by cpu_isa().
-#if MSDA_X86
-template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"))) void pairs_avx2(const scalar_t* input, scalar_t* output, int64_t begin,
-                                                    int64_t end, int64_t n, uint64_t seed, uint32_t threshold,
-                                                    acc_t scale) {
-  pairs(input, output, begin, end, n, seed, threshold, scale);
-}
-
-template <typename scalar_t, typename acc_t>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void pairs_avx512(
-    const scalar_t* input, scalar_t* output, int64_t begin, int64_t end, int64_t n, uint64_t seed,
-    uint32_t threshold, acc_t scale) {
-  pairs(input, output, begin, end, n, seed, threshold, scale);
-}
-#endif
-
-// hash_dropout_relu: output[i] = keep(seed, i) ? max(input[i] + bias[i % C], 0) / (1 - p) : 0, the
-// mask being hash_dropout's. Pairs [begin, end) of rows of C (even) elements; the bias index
-// restarts at every row, so the inner loop is a plain vectorizable loop. Without a bias, C = n.
-// ReLU is written "x < 0 ? 0 : x" so that a NaN stays NaN, as in torch.relu.
-template <typename scalar_t, typename acc_t>
-HASH_DROPOUT_INLINE void relu_pairs(const scalar_t* input, const scalar_t* bias, scalar_t* output, int64_t begin,
-                                    int64_t end, int64_t n, int64_t half_row, uint64_t seed, uint32_t threshold,
-                                    acc_t scale) {
-  const int64_t full_end = std::min(end, n / 2);
-  int64_t k = begin;
-  while (k < full_end) {
+  for (int64_t k = begin; k < full_end;) {
     const int64_t row_start = (k / half_row) * half_row;
     const int64_t stop = std::min(full_end, row_start + half_row);
-    const scalar_t* b = bias == nullptr ? nullptr : bias + 2 * (k - row_start);
+    const scalar_t* row_bias = kBias ? bias + 2 * (k - row_start) : nullptr;
+    const scalar_t* in = input + 2 * k;
+    scalar_t* out = output + 2 * k;
     const int64_t count = stop - k;
     for (int64_t j = 0; j < count; ++j) {
       const uint64_t bits = mix(seed, static_cast<uint64_t>(k + j));
       const uint32_t low = static_cast<uint32_t>(bits);
       const uint32_t high = static_cast<uint32_t>(bits >> 32);
-      acc_t a = static_cast<acc_t>(input[2 * (k + j)]);
-      acc_t c = static_cast<acc_t>(input[2 * (k + j) + 1]);
-      if (b != nullptr) {
-        a += static_cast<acc_t>(b[2 * j]);
-        c += static_cast<acc_t>(b[2 * j + 1]);
+      acc_t a = static_cast<acc_t>(in[2 * j]);
+      acc_t b = static_cast<acc_t>(in[2 * j + 1]);
+      if (kBias) {
+        a += static_cast<acc_t>(row_bias[2 * j]);
+        b += static_cast<acc_t>(row_bias[2 * j + 1]);
       }
-      a = (a < acc_t(0) ? acc_t(0) : a) * scale;
-      c = (c < acc_t(0) ? acc_t(0) : c) * scale;
-      output[2 * (k + j)] = static_cast<scalar_t>(low >= threshold ? a : acc_t(0));
-      output[2 * (k + j) + 1] = static_cast<scalar_t>(high >= threshold ? c : acc_t(0));
+      out[2 * j] = static_cast<scalar_t>(low >= threshold ? scaled<kRelu>(a, scale) : acc_t(0));
+      out[2 * j + 1] = static_cast<scalar_t>(high >= threshold ? scaled<kRelu>(b, scale) : acc_t(0));
     }
     k = stop;
   }
-  if (end > full_end && (n & 1)) {  // the last, unpaired element (no bias: odd rows have none)
-    const int64_t last = n / 2;
-    const uint32_t low = static_cast<uint32_t>(mix(seed, static_cast<uint64_t>(last)));
-    acc_t a = static_cast<acc_t>(input[2 * last]);
-    a = (a < acc_t(0) ? acc_t(0) : a) * scale;
-    output[2 * last] = static_cast<scalar_t>(low >= threshold ? a : acc_t(0));
+  if (end > full_end && (n & 1)) {  // the last, unpaired element (never with a bias: rows are even)
+    const int64_t k = n / 2;
+    const uint32_t low = static_cast<uint32_t>(mix(seed, static_cast<uint64_t>(k)));
+    output[2 * k] = static_cast<scalar_t>(low >= threshold ? scaled<kRelu>(static_cast<acc_t>(input[2 * k]), scale) : acc_t(0));
   }
 }
 
-// The gradient of hash_dropout_relu from its output: grad * scale where output > 0, else 0.
+// The gradient of hash_dropout_relu from its output: grad / (1 - p) where output > 0, else 0.
 // "output <= 0" (not "!(output > 0)") lets a NaN output pass the gradient, as threshold_backward does.
 template <typename scalar_t, typename acc_t>
 HASH_DROPOUT_INLINE void relu_backward_range(const scalar_t* grad, const scalar_t* output, scalar_t* grad_input,
@@ -136,20 +108,21 @@ HASH_DROPOUT_INLINE void relu_backward_range(const scalar_t* grad, const scalar_
   }
 }
 
+// The same loops compiled for AVX2 and for AVX-512 (whose 64-bit multiplies make the hash
+// 1.6x faster than AVX2's emulated ones on a 15M-element tensor), picked by cpu_isa().
 #if MSDA_X86
-template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"))) void relu_pairs_avx2(const scalar_t* input, const scalar_t* bias,
-                                                         scalar_t* output, int64_t begin, int64_t end, int64_t n,
-                                                         int64_t half_row, uint64_t seed, uint32_t threshold,
-                                                         acc_t scale) {
-  relu_pairs(input, bias, output, begin, end, n, half_row, seed, threshold, scale);
+template <bool kRelu, bool kBias, typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void pairs_avx2(const scalar_t* input, const scalar_t* bias, scalar_t* output,
+                                                    int64_t begin, int64_t end, int64_t n, int64_t half_row,
+                                                    uint64_t seed, uint32_t threshold, acc_t scale) {
+  pairs<kRelu, kBias>(input, bias, output, begin, end, n, half_row, seed, threshold, scale);
 }
 
-template <typename scalar_t, typename acc_t>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void relu_pairs_avx512(
+template <bool kRelu, bool kBias, typename scalar_t, typename acc_t>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void pairs_avx512(
     const scalar_t* input, const scalar_t* bias, scalar_t* output, int64_t begin, int64_t end, int64_t n,
     int64_t half_row, uint64_t seed, uint32_t threshold, acc_t scale) {
-  relu_pairs(input, bias, output, begin, end, n, half_row, seed, threshold, scale);
+  pairs<kRelu, kBias>(input, bias, output, begin, end, n, half_row, seed, threshold, scale);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -159,17 +132,6 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void relu_backward
 }
 #endif
 
-// keep when the 32 hash bits are >= threshold: P(keep) = 1 - threshold / 2^32; a p within 2^-33
-// of 1 rounds to 2^32, which no 32 bits reach (returned as false: everything is dropped)
-bool drop_threshold(double p, uint32_t* threshold) {
-  const int64_t rounded = std::llround(p * 4294967296.0);
-  if (rounded >= (int64_t(1) << 32)) {
-    return false;
-  }
-  *threshold = static_cast<uint32_t>(rounded);
-  return true;
-}
-
 void check_arguments(const char* name, const at::Tensor& input, const at::Tensor& seed, double p) {
   TORCH_CHECK(p >= 0.0 && p <= 1.0, name, ": p must be in [0, 1], got ", p);
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), name,
@@ -177,59 +139,80 @@ void check_arguments(const char* name, const at::Tensor& input, const at::Tensor
   TORCH_CHECK(input.is_floating_point(), name, ": input must be floating point, got ", input.scalar_type());
 }
 
-at::Tensor relu_forward_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias, const at::Tensor& seed,
-                            double p) {
-  check_arguments("hash_dropout_relu", input, seed, p);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const int64_t n = input.numel();
-  int64_t row = n;
-  at::Tensor bias_values;
-  if (has_bias) {
-    TORCH_CHECK(input.dim() >= 1 && bias->dim() == 1 && bias->size(0) == input.size(-1),
-                "hash_dropout_relu: bias must have shape (C,) for an input (..., C); got ", bias->sizes(), " and ",
-                input.sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "hash_dropout_relu: bias dtype ", bias->scalar_type(),
-                " differs from the input's ", input.scalar_type());
-    TORCH_CHECK(bias->device().is_cpu(), "hash_dropout_relu: bias must be a CPU tensor");
-    TORCH_CHECK(input.size(-1) % 2 == 0, "hash_dropout_relu: a bias needs an even last dimension, got ",
-                input.size(-1));
-    bias_values = bias->contiguous();
-    row = input.size(-1);
-  }
+// The forward of both operators: ``bias`` undefined for none (then any n), else (C,) with C the
+// input's last dimension, even. Returns a new contiguous tensor shaped like the input.
+template <bool kRelu>
+at::Tensor dropout_forward(const at::Tensor& input, const at::Tensor& bias, const at::Tensor& seed,
+                           double p) {
   const at::Tensor source = input.contiguous();
   at::Tensor output = at::empty(source.sizes(), source.options());
-  uint32_t threshold = 0;
-  if (!drop_threshold(p, &threshold)) {
+  const int64_t n = source.numel();
+  // keep when the 32 hash bits are >= threshold: P(keep) = 1 - threshold / 2^32; a p within
+  // 2^-33 of 1 rounds to 2^32, which no 32 bits reach
+  const int64_t rounded = std::llround(p * 4294967296.0);
+  if (rounded >= (int64_t(1) << 32)) {
     return output.zero_();
   }
   if (n == 0) {
     return output;
   }
-  const int64_t half_row = std::max<int64_t>(row / 2, 1);
+  const uint32_t threshold = static_cast<uint32_t>(rounded);
+  const bool has_bias = bias.defined();
+  const int64_t half_row = has_bias ? source.size(-1) / 2 : std::max<int64_t>(n / 2, 1);
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
   const Isa chosen = cpu_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "hash_dropout_relu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "hash_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
     const scalar_t* in = source.const_data_ptr<scalar_t>();
-    const scalar_t* b = has_bias ? bias_values.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, (n + 1) / 2, kGrainPairs, [&](int64_t begin, int64_t end) {
+    const auto run = [&](auto with_bias) {
+      constexpr bool kBias = decltype(with_bias)::value;
+      at::parallel_for(0, (n + 1) / 2, kGrainPairs, [&](int64_t begin, int64_t end) {
 #if MSDA_X86
-      if (chosen == Isa::kAvx512) {
-        relu_pairs_avx512<scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
-        return;
-      }
-      if (chosen == Isa::kAvx2) {
-        relu_pairs_avx2<scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
-        return;
-      }
+        if (chosen == Isa::kAvx512) {
+          pairs_avx512<kRelu, kBias, scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
+          return;
+        }
+        if (chosen == Isa::kAvx2) {
+          pairs_avx2<kRelu, kBias, scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
+          return;
+        }
 #endif
-      relu_pairs<scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
-    });
+        pairs<kRelu, kBias, scalar_t, acc_t>(in, b, out, begin, end, n, half_row, key, threshold, scale);
+      });
+    };
+    if (has_bias) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
     (void)chosen;
   });
   return output;
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p) {
+  check_arguments("hash_dropout", input, seed, p);
+  return dropout_forward<false>(input, at::Tensor(), seed, p);
+}
+
+at::Tensor relu_forward_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias, const at::Tensor& seed,
+                            double p) {
+  check_arguments("hash_dropout_relu", input, seed, p);
+  if (!bias.has_value() || !bias->defined()) {
+    return dropout_forward<true>(input, at::Tensor(), seed, p);
+  }
+  TORCH_CHECK(input.dim() >= 1 && bias->dim() == 1 && bias->size(0) == input.size(-1),
+              "hash_dropout_relu: bias must have shape (C,) for an input (..., C); got ", bias->sizes(), " and ",
+              input.sizes());
+  TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "hash_dropout_relu: bias dtype ", bias->scalar_type(),
+              " differs from the input's ", input.scalar_type());
+  TORCH_CHECK(bias->device().is_cpu(), "hash_dropout_relu: bias must be a CPU tensor");
+  TORCH_CHECK(input.size(-1) % 2 == 0, "hash_dropout_relu: a bias needs an even last dimension, got ",
+              input.size(-1));
+  return dropout_forward<true>(input, bias->contiguous(), seed, p);
 }
 
 at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output, double p) {
@@ -260,40 +243,6 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& ou
     (void)chosen;
   });
   return grad_input;
-}
-
-at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p) {
-  check_arguments("hash_dropout", input, seed, p);
-  const at::Tensor source = input.contiguous();
-  at::Tensor output = at::empty(source.sizes(), source.options());
-  uint32_t threshold = 0;
-  if (!drop_threshold(p, &threshold)) {
-    return output.zero_();
-  }
-  const int64_t n = source.numel();
-  const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
-  const Isa chosen = cpu_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "hash_dropout", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
-    const scalar_t* in = source.const_data_ptr<scalar_t>();
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, (n + 1) / 2, kGrainPairs, [&](int64_t begin, int64_t end) {
-#if MSDA_X86
-      if (chosen == Isa::kAvx512) {
-        pairs_avx512<scalar_t, acc_t>(in, out, begin, end, n, key, threshold, scale);
-        return;
-      }
-      if (chosen == Isa::kAvx2) {
-        pairs_avx2<scalar_t, acc_t>(in, out, begin, end, n, key, threshold, scale);
-        return;
-      }
-#endif
-      pairs<scalar_t, acc_t>(in, out, begin, end, n, key, threshold, scale);
-    });
-    (void)chosen;
-  });
-  return output;
 }
 
 }  // namespace
