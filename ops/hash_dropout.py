@@ -33,13 +33,15 @@ _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
 
 
-def _fake(input, seed, p):
-    return input.new_empty(input.shape)
+def _fake(first, *_):
+    # every operator here returns a new tensor shaped like its first input
+    return first.new_empty(first.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    _, seed, p = inputs
-    ctx.save_for_backward(seed)
+    # (tensor, selector, p): hash_dropout's seed, or hash_dropout_relu_backward's forward output
+    _, selector, p = inputs
+    ctx.save_for_backward(selector)
     ctx.p = p
 
 
@@ -47,14 +49,6 @@ def _backward(ctx, grad_output):
     (seed,) = ctx.saved_tensors
     # linear in the input with a diagonal 0 or 1 / (1 - p) Jacobian: the same mask applies
     return torch.ops.deformable_attention.hash_dropout(grad_output, seed, ctx.p), None, None
-
-
-def _relu_fake(input, bias, seed, p):
-    return input.new_empty(input.shape)
-
-
-def _relu_backward_fake(grad_output, output, p):
-    return grad_output.new_empty(grad_output.shape)
 
 
 def _relu_setup_context(ctx, inputs, output):
@@ -68,23 +62,17 @@ def _relu_setup_context(ctx, inputs, output):
 
 def _relu_backward(ctx, grad_output):
     (output,) = ctx.saved_tensors
-    grad_input = torch.ops.deformable_attention.hash_dropout_relu_backward(grad_output.contiguous(), output, ctx.p)
+    grad_input = torch.ops.deformable_attention.hash_dropout_relu_backward(grad_output, output, ctx.p)
     grad_bias = None
     if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
         grad_bias = grad_input.reshape(-1, ctx.bias_shape[0]).sum(0)
     return grad_input, grad_bias, None, None
 
 
-def _relu_backward_setup_context(ctx, inputs, output):
-    _, kept, p = inputs
-    ctx.save_for_backward(kept)
-    ctx.p = p
-
-
 def _relu_backward_backward(ctx, grad):
     # linear in grad_output; piecewise constant (zero derivative) in the output that selects
     (kept,) = ctx.saved_tensors
-    return torch.ops.deformable_attention.hash_dropout_relu_backward(grad.contiguous(), kept, ctx.p), None, None
+    return torch.ops.deformable_attention.hash_dropout_relu_backward(grad, kept, ctx.p), None, None
 
 
 def register():
@@ -95,10 +83,10 @@ def register():
         torch.library.register_autograd(OPERATOR, _backward, setup_context=_setup_context)
         _registered = True
     if not _relu_registered and kernel_loaded("hash_dropout_relu"):
-        torch.library.register_fake(RELU_OPERATOR)(_relu_fake)
-        torch.library.register_fake(RELU_OPERATOR + "_backward")(_relu_backward_fake)
+        torch.library.register_fake(RELU_OPERATOR)(_fake)
+        torch.library.register_fake(RELU_OPERATOR + "_backward")(_fake)
         torch.library.register_autograd(RELU_OPERATOR + "_backward", _relu_backward_backward,
-                                        setup_context=_relu_backward_setup_context)
+                                        setup_context=_setup_context)
         torch.library.register_autograd(RELU_OPERATOR, _relu_backward, setup_context=_relu_setup_context)
         _relu_registered = True
 
@@ -112,6 +100,11 @@ def kernel_loaded(name: str = "hash_dropout"):
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def _draw_seed():
+    """One draw from torch's default CPU generator per call: () int64 in [0, 2^62)."""
+    return torch.randint(0, 1 << 62, (), dtype=torch.int64)
 
 
 def dropout(input, p=0.5, training=True):
@@ -132,8 +125,7 @@ def dropout(input, p=0.5, training=True):
         return input
     if input.device.type != "cpu" or not input.is_floating_point() or not _registered:
         return F.dropout(input, p, True)
-    seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
-    return torch.ops.deformable_attention.hash_dropout(input, seed, p)
+    return torch.ops.deformable_attention.hash_dropout(input, _draw_seed(), p)
 
 
 def linear_relu_dropout(input, weight, bias=None, p=0.5, training=True):
@@ -164,8 +156,7 @@ def linear_relu_dropout(input, weight, bias=None, p=0.5, training=True):
         hidden, bias = F.linear(input, weight, bias), None
     else:
         hidden = torch.matmul(input, weight.t())
-    seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
-    return torch.ops.deformable_attention.hash_dropout_relu(hidden, bias, seed, p)
+    return torch.ops.deformable_attention.hash_dropout_relu(hidden, bias, _draw_seed(), p)
 
 
 def hash_dropout_reference(input, seed, p):

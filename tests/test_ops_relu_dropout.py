@@ -71,7 +71,6 @@ def test_backward_passes_the_gradient_where_the_output_is_positive():
     assert torch.equal(torch.ops.deformable_attention.hash_dropout_relu_backward(grad, out, 0.25), expected)
     relu_then_drop = torch.ops.deformable_attention.hash_dropout(F.relu(x), torch.tensor(7), 0.25)
     torch.testing.assert_close(out, relu_then_drop, rtol=0, atol=0, equal_nan=True)
-    assert kept_nan.any() or out[0, 0] == 0  # the NaN either kept as NaN or dropped
 
 
 @requires_kernel

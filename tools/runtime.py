@@ -33,9 +33,9 @@ logger = logging.getLogger("deformable_detr")
 # oneDNN, which runs the CPU convolutions and bfloat16 matrix products, compiles a primitive per
 # input shape and keeps 1024 of them by default. Over the default recipe's batch shapes (bfloat16)
 # a step took 0.262-0.270 s with 1024 and 0.219-0.221 s with 4096; padded to multiples of 32 px
-# (dataset.train_pad_multiple), 0.227 s with 1024 and 0.220 s with 16384. Shapes that never recur fill any
-# capacity within an epoch or two, so it helps most early in a run. oneDNN reads it at its first
-# primitive, so it is set before any model runs; the environment's value wins.
+# (dataset.train_pad_multiple), 0.227 s with 1024 and 0.220 s with 16384. Shapes that never
+# recur fill any capacity within an epoch or two, so it helps most early in a run. oneDNN reads
+# it at its first primitive, so it is set before any model runs; the environment's value wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
 
 # freed blocks of 32 MiB and more stay in the process for the next step instead of being unmapped
