@@ -11,8 +11,8 @@ operations per sample, independent of D) are not counted. The backward counts tw
 the convention of the matrix products: gradients of value and of the weights each repeat the
 forward's work, the locations' gradient is of the same order.
 
-``register()`` gives ``torch.utils.flop_counter.FlopCounterMode`` these formulas for the compiled
-operators. The reference implementation (``grid_sample``, a product and a sum, none of which the
+``register()`` and ``register_triton()`` give ``torch.utils.flop_counter.FlopCounterMode`` these
+formulas for the compiled and the Triton operators. The reference implementation (``grid_sample``, a product and a sum, none of which the
 counter has a formula for) reports the same counts itself through ``count_reference``, under the
 same operator names, so a count does not depend on which implementation ran and nothing is
 counted twice.
@@ -22,6 +22,10 @@ from torch.utils import flop_counter
 
 FORWARD_NAME = "deformable_attention.ms_deform_attn_forward"
 BACKWARD_NAME = "deformable_attention.ms_deform_attn_backward"
+TRITON_FORWARD_NAME = "deformable_attention.ms_deform_attn_triton_forward"
+TRITON_BACKWARD_NAME = "deformable_attention.ms_deform_attn_triton_backward"
+# the operators whose counts are the op's forward, whichever implementation ran
+FORWARD_NAMES = (FORWARD_NAME, TRITON_FORWARD_NAME)
 MACS_PER_SAMPLED_CHANNEL = 5
 FLOPS_PER_MAC = 2
 
@@ -45,7 +49,9 @@ def _forward_formula(value, spatial_shapes, level_start_index, sampling_location
     return forward_flops(value, sampling_locations)
 
 
-def _backward_formula(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output, *, out_shape=None, **kwargs):
+def _backward_formula(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
+                      *rest, out_shape=None, **kwargs):
+    # rest: the Triton backward's grad_value_wanted
     return backward_flops(value, sampling_locations)
 
 
@@ -55,17 +61,26 @@ def _operator(name):
     return getattr(getattr(torch.ops, namespace), operator, None)
 
 
+def _register(forward_name, backward_name):
+    for name, formula in ((forward_name, _forward_formula), (backward_name, _backward_formula)):
+        packet = _operator(name)
+        if packet is not None and packet not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(packet)(formula)
+
+
 def register():
     """Adds the formulas of the compiled operators to ``torch.utils.flop_counter`` (idempotent;
     call once the library is loaded)."""
     global _registered
     if _registered:
         return
-    for name, formula in ((FORWARD_NAME, _forward_formula), (BACKWARD_NAME, _backward_formula)):
-        packet = _operator(name)
-        if packet is not None and packet not in flop_counter.flop_registry:
-            flop_counter.register_flop_formula(packet)(formula)
+    _register(FORWARD_NAME, BACKWARD_NAME)
     _registered = True
+
+
+def register_triton():
+    """The same for the Triton operators (idempotent; call once they are defined)."""
+    _register(TRITON_FORWARD_NAME, TRITON_BACKWARD_NAME)
 
 
 def _active_counters():

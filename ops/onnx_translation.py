@@ -1,4 +1,5 @@
-"""ONNX translation of ``torch.ops.deformable_attention.ms_deform_attn_forward`` for
+"""ONNX translation of ``torch.ops.deformable_attention.ms_deform_attn_forward`` (and of its Triton
+twin, ``ms_deform_attn_triton_forward``, which has the same signature) for
 ``torch.onnx.export(..., dynamo=True, custom_translation_table=TRANSLATION_TABLE)``.
 
 The op becomes standard ONNX (opset 18): per level a ``Slice`` of the value, a ``GridSample``
@@ -70,8 +71,9 @@ def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_lo
 
 
 def translation_table() -> dict:
-    """{op overload: translation} for ``torch.onnx.export(custom_translation_table=...)``; empty when
-    the compiled library (which defines the op) is not loaded."""
-    if not hasattr(torch.ops.deformable_attention, "ms_deform_attn_forward"):
-        return {}
-    return {torch.ops.deformable_attention.ms_deform_attn_forward.default: ms_deform_attn_forward}
+    """{op overload: translation} for ``torch.onnx.export(custom_translation_table=...)``: the compiled
+    and the Triton forward, those of them that are defined (the compiled library is loaded; Triton
+    can run)."""
+    namespace = torch.ops.deformable_attention
+    names = ("ms_deform_attn_forward", "ms_deform_attn_triton_forward")
+    return {getattr(namespace, name).default: ms_deform_attn_forward for name in names if hasattr(namespace, name)}

@@ -16,14 +16,14 @@ def _shape(tensor):
     return tuple(tensor.shape)
 
 
-def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, promote=True):
     """Checks the arguments and aligns their dtypes and devices.
 
     Raises ValueError naming the offending argument. Returns the five tensors with
     value, sampling_locations and attention_weights in one floating dtype (the
     promotion of theirs: mixing float16 value with float32 locations, as autocast
-    does, computes in float32), and spatial_shapes / level_start_index as int64
-    on value's device.
+    does, computes in float32) unless ``promote`` is False (then each keeps its own),
+    and spatial_shapes / level_start_index as int64 on value's device.
     """
     arguments = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     for name, argument in zip(_NAMES, arguments):
@@ -71,11 +71,8 @@ def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations,
     if _is_concrete(spatial_shapes) and isinstance(value.shape[1], int):
         check_value_tokens(value, _token_count(spatial_shapes))
 
-    dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
-    value, sampling_locations, attention_weights = (
-        tensor if tensor.dtype == dtype else tensor.to(dtype)
-        for tensor in (value, sampling_locations, attention_weights)
-    )
+    if promote:
+        value, sampling_locations, attention_weights = promote_dtypes(value, sampling_locations, attention_weights)
     # Small (L, 2) and (L,) tensors; moving them is cheap and saves callers a device mismatch.
     spatial_shapes, level_start_index = (
         tensor if tensor.dtype == torch.int64 and tensor.device == value.device
@@ -83,6 +80,18 @@ def prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations,
         for tensor in (spatial_shapes, level_start_index)
     )
     return value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+
+
+def common_dtype(value, sampling_locations, attention_weights) -> torch.dtype:
+    """The dtype the op computes and returns in: the promotion of the three floating inputs'."""
+    return torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+
+
+def promote_dtypes(value, sampling_locations, attention_weights):
+    """The three floating inputs in their ``common_dtype`` (those already in it unchanged)."""
+    dtype = common_dtype(value, sampling_locations, attention_weights)
+    return tuple(tensor if tensor.dtype == dtype else tensor.to(dtype)
+                 for tensor in (value, sampling_locations, attention_weights))
 
 
 def value_tokens_message(value_tokens, level_tokens) -> str:

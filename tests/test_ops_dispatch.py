@@ -240,3 +240,17 @@ def test_disabling_the_extension_is_silent():
     count, _, error = run_python(IMPORT_AND_RUN, ROOT, {"MS_DEFORM_ATTN_NO_EXTENSION": "1"}).splitlines()
     assert count == "0"
     assert "MS_DEFORM_ATTN_NO_EXTENSION" in error
+
+
+def test_auto_picks_by_the_dtype_computed_in():
+    # autocast hands the op a bfloat16 value next to float32 locations and weights: that computes in
+    # float32, which the CPU kernel does
+    value, shapes, starts, locations, weights = inputs(dtype=torch.float32)
+    expected = "kernel" if ops.kernel_available("cpu", torch.float32) else "reference"
+    assert ops.implementation_for(value.bfloat16(), torch.float32) == expected
+    if expected == "kernel":
+        with torch.no_grad():
+            output = ms_deform_attn(value.bfloat16(), shapes, starts, locations, weights)
+        assert output.dtype == torch.float32
+        torch.testing.assert_close(output, ops.kernel.forward(value.bfloat16().float(), shapes, starts, locations, weights),
+                                   rtol=0, atol=0)

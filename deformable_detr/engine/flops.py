@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from deformable_detr_ops.flops import FORWARD_NAME
+from deformable_detr_ops.flops import FORWARD_NAMES
 
 
 @dataclass
@@ -69,5 +69,5 @@ def count_detector_flops(model: nn.Module, images: torch.Tensor, masks: torch.Te
     }
     parts["transformer_other"] = _module_total(counts, f"{root}.transformer") - parts["encoder"] - parts["decoder"]
     parts["other"] = total - sum(parts.values())
-    op = sum(int(flops) for operator, flops in counts.get("Global", {}).items() if str(operator) == FORWARD_NAME)
+    op = sum(int(flops) for operator, flops in counts.get("Global", {}).items() if str(operator) in FORWARD_NAMES)
     return FlopCount(total=total, by_part=parts, deformable_attention=op)
