@@ -3,6 +3,7 @@ measures its peak memory; prints a markdown table.
 
     python tools/benchmark_op.py                         # CPU, float32, encoder and decoder, batch 2 and 8
     python tools/benchmark_op.py --device cuda --dtype float16 --batch 2 --workloads encoder
+    python tools/benchmark_op.py --device cuda --value-dtype bfloat16 --implementations kernel triton --json op.json
 
 Workloads (Deformable DETR, 8 heads x 32 channels, 4 levels x 4 points):
     encoder  levels 100x134, 50x67, 25x34, 13x17 (17,821 tokens), one query per token,
@@ -14,11 +15,16 @@ Workloads (Deformable DETR, 8 heads x 32 channels, 4 levels x 4 points):
 Sampling locations are the reference point plus Gaussian offsets of --spread pixels of each
 level (how a trained model samples); --spread 0 draws them uniformly in [0, 1] instead.
 
+``--value-dtype`` gives the value its own dtype: ``--value-dtype bfloat16`` with the default
+float32 is what autocast passes the op (a bfloat16 projection, float32 locations and weights).
+
 Each (workload, batch, implementation) runs in a fresh process. Peak memory is the rise
 over the memory held once the inputs exist, during one forward + backward: on CUDA
 torch.cuda.max_memory_allocated; on the CPU the process's peak resident set (VmHWM,
 reset through /proc/self/clear_refs, with glibc returning large blocks at once).
-Times are medians over --repeats runs after one warm-up run.
+Times are medians over --repeats runs after one warm-up run: on the CPU wall time around each
+call; on CUDA device time between CUDA events recorded around each forward and backward, with
+no synchronization inside the loop. ``--json PATH`` also writes every row.
 """
 import argparse
 import json
@@ -33,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVELS = [(100, 134), (50, 67), (25, 34), (13, 17)]
 HEADS, CHANNELS, POINTS = 8, 32, 4
 DECODER_QUERIES = 300
-IMPLEMENTATIONS = ("reference", "kernel")
+IMPLEMENTATIONS = ("reference", "kernel", "triton")
 FFN_CHANNELS, DROPOUT = 1024, 0.1
 
 
@@ -77,6 +83,7 @@ def _make_workload(spec):
                          dtype=getattr(torch, spec["dtype"]), device=spec["device"],
                          reference_points=reference_points, spread=spec["spread"] or None, seed=0)
     value, shapes, starts, locations, weights = inputs
+    value = value.to(getattr(torch, spec.get("value_dtype") or spec["dtype"]))
     grad_output = torch.randn(value.shape[0], queries, HEADS * CHANNELS, dtype=value.dtype, device=value.device)
     return [value.requires_grad_(), shapes, starts, locations.requires_grad_(), weights.requires_grad_()], grad_output
 
@@ -97,8 +104,10 @@ def _worker(spec):
     if spec["workload"] == "dropout":
         if implementation == "kernel" and not (kernel_loaded() and spec["device"] == "cpu"):
             return {"error": f"no kernel ({ops.library_error() or 'CPU only, or a build from before it'})"}
-    elif implementation == "kernel" and not ops.kernel_available(spec["device"], inputs[0].dtype):
+    elif implementation == "kernel" and not ops.kernel_available(spec["device"], torch.promote_types(inputs[0].dtype, inputs[3].dtype)):
         return {"error": f"no kernel ({ops.library_error() or 'not built for this device or dtype'})"}
+    elif implementation == "triton" and not ops.triton_available(spec["device"]):
+        return {"error": "Triton cannot run here (a GPU, or TRITON_INTERPRET=1 on the CPU)"}
 
     def forward():
         if spec["workload"] == "dropout":
@@ -133,30 +142,68 @@ def _worker(spec):
         peak = _status_kilobytes("VmHWM") * 1024 - baseline
     clear_grads()
 
-    forward_times, backward_times = [], []
-    for repeat in range(spec["repeats"] + 1):
-        synchronize()
+    if cuda:
+        forward_ms, backward_ms = _cuda_event_times(forward, grad_output, clear_grads, spec["repeats"])
+    else:
+        forward_ms, backward_ms = _wall_times(forward, grad_output, clear_grads, spec["repeats"])
+    return {
+        "forward_ms": statistics.median(forward_ms),
+        "backward_ms": statistics.median(backward_ms),
+        "peak_mb": peak / 2**20,
+        "threads": torch.get_num_threads(),
+        "timing": "cuda events" if cuda else "wall",
+    }
+
+
+def _wall_times(forward, grad_output, clear_grads, repeats):
+    """Milliseconds of each forward and backward after one warm-up run, by the wall clock."""
+    forward_ms, backward_ms = [], []
+    for repeat in range(repeats + 1):
         start = time.perf_counter()
         output = forward()
-        synchronize()
         middle = time.perf_counter()
         output.backward(grad_output)
-        synchronize()
         end = time.perf_counter()
         del output
         clear_grads()
         if repeat > 0:  # the first run warms up caches and allocators
-            forward_times.append(middle - start)
-            backward_times.append(end - middle)
-    return {
-        "forward_ms": 1e3 * statistics.median(forward_times),
-        "backward_ms": 1e3 * statistics.median(backward_times),
-        "peak_mb": peak / 2**20,
-        "threads": torch.get_num_threads(),
-    }
+            forward_ms.append(1e3 * (middle - start))
+            backward_ms.append(1e3 * (end - middle))
+    return forward_ms, backward_ms
+
+
+def _cuda_event_times(forward, grad_output, clear_grads, repeats):
+    """Device milliseconds of each forward and backward after one warm-up run: CUDA events around
+    each, read after one synchronization at the end, so the host never waits inside the loop."""
+    import torch
+
+    output = forward()  # warm-up: compilation (Triton), allocator
+    output.backward(grad_output)
+    del output
+    clear_grads()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(repeats)]
+    for start, middle, end in events:
+        start.record()
+        output = forward()
+        middle.record()
+        output.backward(grad_output)
+        end.record()
+        del output
+        clear_grads()
+    torch.cuda.synchronize()
+    return ([start.elapsed_time(middle) for start, middle, _ in events],
+            [middle.elapsed_time(end) for _, middle, end in events])
 
 
 # ---------------------------------------------------------------- driver
+
+def _write_json(path, content):
+    """Writes ``content`` to ``path`` through a temporary file, so a reader never sees half of it."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(content, f, indent=1)
+    os.replace(temporary, path)
+
 
 def _measure(spec):
     """Runs one measurement in a fresh interpreter and returns its result dictionary."""
@@ -196,14 +243,18 @@ def main():
     parser.add_argument("--device", nargs="+", default=None, choices=["cpu", "cuda"],
                         help="devices to measure (default: cpu, and cuda when a GPU is visible)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--value-dtype", default=None, choices=["float32", "float64", "float16", "bfloat16"],
+                        help="the value's dtype when it differs from --dtype (locations and weights)")
     parser.add_argument("--batch", nargs="+", type=int, default=[2, 8])
     parser.add_argument("--workloads", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder", "dropout"])
-    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--implementations", nargs="+", default=None, choices=IMPLEMENTATIONS,
+                        help="default: reference and kernel, and triton where it runs (a GPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up run")
     parser.add_argument("--spread", type=float, default=2.0,
                         help="offsets of the sampling locations around the reference points, in pixels "
                              "(0: uniform locations)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -214,24 +265,31 @@ def main():
     import torch
 
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    print(f"torch {torch.__version__}, {args.dtype}, sampling spread {args.spread} px, "
+    dtypes = args.dtype if args.value_dtype in (None, args.dtype) else f"{args.value_dtype} value, {args.dtype} locations and weights"
+    print(f"torch {torch.__version__}, {dtypes}, sampling spread {args.spread} px, "
           f"median of {args.repeats} runs")
     print()
     print("| workload | batch | implementation | forward ms | backward ms | forward speedup | backward speedup "
           "| forward + backward speedup | peak memory MiB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for device in devices:
         for workload in args.workloads:
             for batch in args.batch:
                 baseline = None
-                for implementation in args.implementations:
-                    spec = dict(device=device, dtype=args.dtype, batch=batch, workload=workload,
-                                implementation=implementation, repeats=args.repeats, spread=args.spread,
-                                threads=args.threads)
+                implementations = args.implementations or ["reference", "kernel"] + (
+                    ["triton"] if device == "cuda" and workload != "dropout" else [])
+                for implementation in implementations:
+                    spec = dict(device=device, dtype=args.dtype, value_dtype=args.value_dtype, batch=batch,
+                                workload=workload, implementation=implementation, repeats=args.repeats,
+                                spread=args.spread, threads=args.threads)
                     result = _measure(spec)
                     if implementation == "reference":
                         baseline = result
                     print(_format_row(spec, result, baseline), flush=True)
+                    rows.append(dict(spec, **result))
+                    if args.json:
+                        _write_json(args.json, {"torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":
