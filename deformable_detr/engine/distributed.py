@@ -2,6 +2,7 @@
 import datetime
 import logging
 import os
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,17 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def process_group_backend(device: str, local_rank: int) -> Tuple[str, torch.device, Dict[str, Any]]:
+    """The process group's backend, this rank's device and the extra ``init_process_group``
+    arguments for ``device`` ("cuda", "cuda:N" or "cpu"): NCCL on the GPU of the local rank (any
+    index in ``device`` is ignored, as torchrun gives each process its own GPU), bound to it
+    with ``device_id``; gloo on the CPU otherwise."""
+    if device.startswith("cuda"):
+        rank_device = torch.device("cuda", local_rank)
+        return "nccl", rank_device, {"device_id": rank_device}
+    return "gloo", torch.device("cpu"), {}
+
+
 def init_distributed(device: str, timeout_minutes: float = 30.0) -> torch.device:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs) and pick this
     rank's device. Without torchrun, a single process on ``device``."""
@@ -22,14 +34,10 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> torch.device
         raise DeviceError(f"device={device} but no CUDA GPU is visible; use device=cpu")
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return torch.device(device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        backend, rank_device = "nccl", torch.device("cuda", local_rank)
-    else:
-        backend, rank_device = "gloo", torch.device("cpu")
+    backend, rank_device, kwargs = process_group_backend(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if rank_device.type == "cuda":
+        torch.cuda.set_device(rank_device)
     if not dist.is_initialized():
-        kwargs = {"device_id": rank_device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     logger.debug("rank %d/%d on %s (%s)", dist.get_rank(), dist.get_world_size(), rank_device, backend)
     return rank_device

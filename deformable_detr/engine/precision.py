@@ -95,8 +95,8 @@ def outputs_to_float(outputs):
 
 def to_device(images, masks, targets, device: torch.device):
     """A collated batch -- images (B, 3, H, W), masks (B, H, W), targets (list of dicts) -- on ``device``."""
-    non_blocking = device.type == "cuda"
-    images = images.to(device, non_blocking=non_blocking)
-    masks = masks.to(device, non_blocking=non_blocking)
-    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
+    # non_blocking whatever the device: a no-op from CPU to CPU, safe from pinned or pageable host memory to a GPU
+    images = images.to(device, non_blocking=True)
+    masks = masks.to(device, non_blocking=True)
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
     return images, masks, targets

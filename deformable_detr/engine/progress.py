@@ -2,6 +2,7 @@
 epoch's and the whole run's remaining time, and TensorBoard scalars."""
 import datetime
 import logging
+import math
 import sys
 from typing import Dict, Optional
 
@@ -60,6 +61,9 @@ class TrainingProgress:
         names = sorted(result.values)
         values = dict(zip(names, torch.stack([result.values[k].float() for k in names]).tolist()))
         values["lr"] = optimizer.param_groups[0]["lr"]
+        if not math.isfinite(values.get("grad_norm", 0.0)):
+            # fp16's GradScaler skipped the step (its gradients overflowed): the norm would make the epoch's average inf or NaN
+            del values["grad_norm"]
         self.meter.update(result.images * distributed.get_world_size(), **values)
         if epoch_step % self.log_every and epoch_step != self.steps_per_epoch:
             return

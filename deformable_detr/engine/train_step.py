@@ -31,7 +31,8 @@ class NonFiniteLossError(RuntimeError):
 @dataclasses.dataclass
 class StepResult:
     """What one step did. ``values``: detached 0-d tensors (every loss, ``loss``, ``grad_norm``),
-    empty when the step was skipped; ``images``: images this rank trained on."""
+    empty when the step was skipped; ``grad_norm`` is inf or NaN when fp16's GradScaler skipped the
+    optimizer's step for overflowing gradients. ``images``: images this rank trained on."""
 
     values: Dict[str, torch.Tensor]
     images: int
@@ -111,10 +112,11 @@ class TrainStep:
         grad_norm = clip_gradients(self.params, self.max_norm)
         if self.scaler is None:
             self.optimizer.step()
+            self.scheduler.step()
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.scheduler.step()
+            skip_schedule_step(self.scheduler)  # quietly: the scaler skips the optimizer's step when gradients overflowed
         if self.ema is not None:
             self.ema.update_parameters(self.detector)
 
