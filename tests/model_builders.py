@@ -30,3 +30,21 @@ def instantiate_checkpoint_model(path):
     model = instantiate(config["model"], num_classes=checkpoint["num_classes"])
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config
+
+
+def off_pixel_centres(model, scale=1e-2, seed=0):
+    """Nudges every sampling offset off the initialization's whole pixels (in place; returns the model).
+
+    At initialization encoder samples land exactly on pixel centres, where bilinear sampling has a
+    kink: the location gradient there depends on which side float rounding puts the point, so two
+    correct computations (eager and compiled, CPU and GPU) may disagree. Tests comparing gradients
+    nudge the offsets first."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("sampling_offsets.bias"):
+                noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                parameter.add_(scale * noise.to(parameter.device))
+    return model
