@@ -3,8 +3,9 @@ import os
 import subprocess
 import sys
 
-import config_schema  # noqa: F401  (importing registers the schemas; tools/ is on pytest's pythonpath)
 from hydra import compose, initialize_config_dir
+
+import deformable_detr.cli.schema  # noqa: F401  (importing registers the schemas)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
@@ -32,8 +33,9 @@ class ToolResult:
 
 
 def run_tool_in_process(tool, *overrides):
-    """Run tools/<tool>.py's ``main`` in this process (seconds instead of a fresh interpreter's start-up):
-    the same config composition, run directory and error reporting as on the command line."""
+    """Run tools/<tool>.py's task in this process (seconds instead of a fresh interpreter's start-up):
+    the same config composition, run directory and error reporting as on the command line (the
+    command-line check before composition is left out)."""
     import contextlib
     import importlib
     import io
@@ -43,7 +45,7 @@ def run_tool_in_process(tool, *overrides):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    module = importlib.import_module(tool)
+    module = importlib.import_module(f"deformable_detr.cli.{tool}")
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
     handlers = list(logging.getLogger().handlers)
@@ -58,7 +60,7 @@ def run_tool_in_process(tool, *overrides):
                 del cfg["hydra"]
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                 try:
-                    module.main.__wrapped__(cfg)
+                    module.TOOL.task(cfg)
                 except SystemExit as exit:
                     code = exit.code
     finally:

@@ -73,18 +73,18 @@ def test_tuned_by_environment_names_the_variable():
 
 
 def test_the_tools_apply_it():
-    """tools/runtime.py, which every tool imports, applies it at import (and the benchmark's worker
-    times with it, as training runs)."""
+    """deformable_detr/cli/app.py, which every tool imports, applies it at import (and the benchmark's
+    worker times with it, as training runs)."""
     env = {key: value for key, value in os.environ.items() if key not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(ROOT, "tools"), ROOT, env.get("PYTHONPATH")]))
     script = (
         "from deformable_detr.utils import allocator\n"
         "calls = []\n"
         "allocator.keep_freed_memory = lambda: calls.append(1) or True\n"
-        "import runtime\n"
+        "import deformable_detr.cli.app\n"
         "print(len(calls))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.split()[-1] == "1", result.stderr
-    with open(os.path.join(ROOT, "tools", "benchmark_worker.py")) as worker:
+    with open(os.path.join(ROOT, "deformable_detr", "cli", "benchmark_worker.py")) as worker:
         assert "allocator.keep_freed_memory()" in worker.read()

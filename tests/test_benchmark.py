@@ -8,8 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import deformable_detr_ops as ops
-from benchmark import check_settings, count_parameters, image_size_of
-from config_checks import ConfigError
+from deformable_detr.cli.benchmark import check_settings, count_parameters, image_size_of
+from deformable_detr.cli.checks import ConfigError
 from cli import compose_config, run_tool
 from deformable_detr.engine.flops import count_detector_flops
 from deformable_detr.engine.profiling import OP_BACKWARD, OP_FORWARD, step_breakdown

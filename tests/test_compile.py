@@ -145,15 +145,15 @@ def test_training_resumes_train_mode_after_an_evaluation(monkeypatch):
 @requires_kernel
 @pytest.mark.slow
 def test_infer_compiled_writes_the_eager_predictions(tmp_path, monkeypatch):
-    """tools/infer.py compile=true: images of three sizes through the compiled model, the same
-    detections as eager."""
+    """tools/infer.py compile=true (through the Detector): images of three sizes through the compiled
+    model, the same detections as eager."""
     import json
 
-    import infer
+    from deformable_detr.inference import detector
     from inference_fixtures import make_checkpoint, make_image
 
     torch._dynamo.reset()
-    monkeypatch.setattr(infer, "compile_detector", functools.partial(compile_detector, backend="aot_eager"))
+    monkeypatch.setattr(detector, "compile_detector", functools.partial(compile_detector, backend="aot_eager"))
     checkpoint = make_checkpoint(tmp_path / "tiny.pth")
     images = tmp_path / "images"
     images.mkdir()

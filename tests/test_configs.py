@@ -9,10 +9,10 @@ from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError
 
 from cli import compose_config, run_tool
-from config_checks import check_config
+from deformable_detr.cli.checks import check_config
 
 from deformable_detr.errors import ConfigError
-from config_schema import EvalConfig, TrainConfig
+from deformable_detr.cli.schema import EvalConfig, TrainConfig
 from deformable_detr.engine.trainer import TrainerSettings
 from deformable_detr.models import DeformableDETR, SetCriterion
 from deformable_detr.models.weights import OFFICIAL_EXPERIMENTS, recipe_of_model
@@ -133,8 +133,7 @@ def test_a_missing_checkpoint_is_named(tmp_path):
 
 
 def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(capsys):
-    import runtime
-
+    from deformable_detr.cli.app import run_reporting_errors
     from deformable_detr.errors import DataError
 
     def mistake(cfg):
@@ -144,11 +143,11 @@ def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(capsys):
         raise ValueError("an internal inconsistency")
 
     with pytest.raises(SystemExit) as exit_info:
-        runtime.run_reporting_errors(mistake, None)
+        run_reporting_errors(mistake, None)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: dataset.root=/x has no annotations/instances_val2017.json; point dataset.root at a COCO layout\n"
     with pytest.raises(ValueError, match="internal inconsistency"):
-        runtime.run_reporting_errors(bug, None)
+        run_reporting_errors(bug, None)
 
 
 def test_the_tools_raise_onednn_s_primitive_cache_for_varying_image_sizes():
@@ -158,7 +157,7 @@ def test_the_tools_raise_onednn_s_primitive_cache_for_varying_image_sizes():
     default (or a user's choice in the environment) has evicted it."""
     script = """
 import torch
-import runtime
+from deformable_detr.cli import app
 weight = torch.randn(4, 3, 3, 3, dtype=torch.bfloat16)  # bfloat16: oneDNN's convolution on every CPU
 for width in range(8, 1108):
     torch.nn.functional.conv2d(torch.randn(1, 3, 3, width, dtype=torch.bfloat16), weight)

@@ -363,7 +363,7 @@ def test_output_sizes_are_unknown_for_transforms_that_cannot_tell(tmp_path):
 
 
 def test_the_training_loader_batches_by_size_when_asked(tmp_path):
-    import runtime
+    from deformable_detr.cli import runtime
 
     from deformable_detr.data.sampler import group_by_size
     from deformable_detr.errors import ConfigError
@@ -390,7 +390,7 @@ def test_the_training_loader_batches_by_size_when_asked(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_the_training_loader_pads_to_a_multiple_when_asked(tmp_path, workers):
-    import runtime
+    from deformable_detr.cli import runtime
 
     from deformable_detr.errors import ConfigError
 

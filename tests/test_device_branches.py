@@ -159,7 +159,7 @@ def test_other_gpu_counts_restore_the_gpus_both_have(gpus, caplog, saved, visibl
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("device, pinned", [("cuda", True), ("cuda:1", True), ("cpu", False)])
 def test_loaders_pin_memory_for_gpus_only(device, pinned, train):
-    import runtime
+    from deformable_detr.cli import runtime
 
     # built only, never iterated: pinning needs a GPU
     loader = runtime.make_loader(list(range(4)), 2, 0, train, 0, torch.device(device))

@@ -192,7 +192,9 @@ def test_progress_reports_the_whole_runs_remaining_time_and_draws_a_bar(caplog, 
             progress.update(StepResult({"loss": torch.tensor(2.0)}, images=2), step=4 + step, epoch_step=step, optimizer=optimizer)
     averages = progress.end_epoch()
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and lines[0].startswith("[epoch 1] 2/4 eta 0:00:02 (run 0:05:")
+    # the first step at once, then every log_every steps
+    assert len(lines) == 3 and lines[0].startswith("[epoch 1] 1/4 eta 0:00:03 (run 0:05:")
+    assert lines[1].startswith("[epoch 1] 2/4 eta 0:00:02 (run 0:05:")
     # 14 steps of the run left at about a second each, plus 3 evaluations of 100 s
-    assert lines[1].startswith("[epoch 1] 4/4 eta 0:00:00 (run 0:05:1")
+    assert lines[2].startswith("[epoch 1] 4/4 eta 0:00:00 (run 0:05:1")
     assert averages["loss"] == 2.0 and "epoch 1: 100%" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cli import compose_config, run_tool
-from config_checks import check_config
-from config_schema import ExportConfig
+from deformable_detr.cli.checks import check_config
+from deformable_detr.cli.schema import ExportConfig
 from deformable_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from deformable_detr.export import (
     Detections,

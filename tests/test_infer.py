@@ -124,7 +124,7 @@ def test_unreadable_file_is_an_error_or_skipped(checkpoint, images, tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     # decoded in a worker process: the message still comes back as one line naming the file
     result = infer(checkpoint, folder, tmp_path / "a", "num_workers=1", command=True)
-    assert_one_line_error(result, str(folder / "broken.jpg"), "cannot be decoded")
+    assert_one_line_error(result, str(folder / "broken.jpg"), "cannot be decoded", "skip_unreadable=true")
     result = infer(checkpoint, folder, tmp_path / "b", "skip_unreadable=true")
     assert_ok(result)
     assert "1 unreadable image(s) skipped" in result.stdout
@@ -163,29 +163,27 @@ def test_every_category_with_restriction_off(checkpoint, images, tmp_path):
 
 
 def test_categories_come_from_the_checkpoint_else_the_recipe(tmp_path):
-    from omegaconf import OmegaConf
-
-    from checkpoint_model import checkpoint_categories
     from deformable_detr.data.coco_categories import COCO_CATEGORIES
+    from deformable_detr.inference.checkpoint_recipe import categories_of
 
     stored = [{"id": 1, "name": "cat"}, {"id": 4, "name": "dog"}]
-    synthetic = OmegaConf.create({"dataset": {"kind": "synthetic", "root": None}})
-    assert checkpoint_categories(synthetic, {"model": {}, "categories": stored}) == stored
-    assert checkpoint_categories(synthetic, {"model": {}}) == CATEGORIES
+    synthetic = {"dataset": {"kind": "synthetic", "root": None}}
+    assert categories_of({"model": {}, "categories": stored}, synthetic) == stored
+    assert categories_of({"model": {}}, synthetic) == CATEGORIES
     official = {"model": {"backbone.0.body.conv1.weight": torch.zeros(1)}}
-    assert checkpoint_categories(synthetic, official) == COCO_CATEGORIES and len(COCO_CATEGORIES) == 80
+    assert categories_of(official, synthetic) == COCO_CATEGORIES and len(COCO_CATEGORIES) == 80
     annotations = tmp_path / "instances.json"
     annotations.write_text(json.dumps({"categories": [{"id": 7, "name": "kite", "supercategory": "x"}]}))
-    own = OmegaConf.create({"dataset": {"kind": "coco", "root": None, "val_annotations": str(annotations)}})
-    assert checkpoint_categories(own, {"model": {}}) == [{"id": 7, "name": "kite"}]
-    assert checkpoint_categories(OmegaConf.create({"dataset": {"kind": "coco", "root": str(tmp_path)}}), {"model": {}}) is None
+    own = {"dataset": {"kind": "coco", "root": None, "val_annotations": str(annotations)}}
+    assert categories_of({"model": {}}, own) == [{"id": 7, "name": "kite"}]
+    assert categories_of({"model": {}}, {"dataset": {"kind": "coco", "root": str(tmp_path)}}) is None
 
 
 @pytest.mark.parametrize("tool", ["infer", "visualize"])
 def test_configs_compose_for_every_experiment_and_reject_typos(tool):
     from cli import compose_config
-    from config_checks import ConfigError, check_config
-    from config_schema import InferConfig, VisualizeConfig
+    from deformable_detr.cli.checks import ConfigError, check_config
+    from deformable_detr.cli.schema import InferConfig, VisualizeConfig
     from deformable_detr.models.weights import OFFICIAL_EXPERIMENTS
 
     schema = InferConfig if tool == "infer" else VisualizeConfig
@@ -197,3 +195,23 @@ def test_configs_compose_for_every_experiment_and_reject_typos(tool):
     cfg = compose_config(tool, ["checkpoint=x.pth", "input=x.png", "+postprocess.num_selekt=3"])
     with pytest.raises(ConfigError, match="postprocess.num_selekt is not a parameter"):
         check_config(cfg, schema)
+
+
+def test_jpeg_in_jpeg_out_and_the_format_can_be_chosen(checkpoint, images, tmp_path):
+    assert_ok(infer(checkpoint, images, tmp_path / "auto"))
+    pictures = {p["file_name"]: p["picture"] for p in json.loads((tmp_path / "auto" / "predictions.json").read_text())}
+    assert pictures == {"a_small.jpg": "a_small.jpg", "b_wide.png": "b_wide.png", "c_rotated.jpg": "c_rotated.jpg"}
+    assert PIL.Image.open(tmp_path / "auto" / "a_small.jpg").format == "JPEG"
+    assert PIL.Image.open(tmp_path / "auto" / "b_wide.png").format == "PNG"
+    assert_ok(infer(checkpoint, images, tmp_path / "png", "picture_format=png"))
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == ["a_small.png", "b_wide.png", "c_rotated.png"]
+
+
+def test_nothing_above_the_threshold_says_the_best_score_and_how_to_lower_it(checkpoint, images, tmp_path):
+    result = infer(checkpoint, images / "b_wide.png", tmp_path / "run", "score_threshold=0.99")
+    assert_ok(result)
+    assert json.loads((tmp_path / "run" / "predictions.json").read_text())[0]["detections"] == []
+    line = next(line for line in result.stdout.splitlines() if "no detection scored above" in line)
+    best = float(line.split("the best scored ")[1].split(")")[0])
+    assert 0 < best < 0.99 and "lower it, e.g. score_threshold=" in line
+

@@ -42,8 +42,13 @@ def test_public_case_matches_the_official_detections(tmp_path, compiled):
     assert len(candidate) == len(reference) == 200
     assert matched_fraction(reference, candidate) == 1.0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl", "per_category"}
+    stats = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
+    assert set(metrics) == stats | {"per_category", "checkpoint", "precision", "dataset"}
     assert {row["id"] for row in metrics["per_category"]} <= set(range(1, 91))
+    # what was measured: the checkpoint, the precision and the dataset
+    assert metrics["checkpoint"] == {"path": checkpoint, "recipe": "r50_deformable_detr_single_scale", "epoch": 49, "step": None}
+    assert metrics["precision"] == "float32"
+    assert metrics["dataset"] == {"annotations": os.path.join(PUBLIC_CASE, "minicoco", "annotations", "instances_val2017.json"), "images": 2}
 
 
 def test_official_files_need_no_experiment_flag(tmp_path):

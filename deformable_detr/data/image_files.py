@@ -73,8 +73,9 @@ class ImageFiles(Dataset):
     gives ``None`` (``collate`` drops it), is logged and counted in ``skipped``; otherwise it raises.
     """
 
-    def __init__(self, paths: Sequence[str], transforms: Callable, skip_unreadable: bool = False):
+    def __init__(self, paths: Sequence[str], transforms: Callable, skip_unreadable: bool = False, skip_key: str = "skip_unreadable"):
         self.paths = list(paths)
+        self.skip_key = skip_key
         self.transforms = transforms
         self.skip_unreadable = skip_unreadable
         self.skipped = SkipCounter()
@@ -87,7 +88,7 @@ class ImageFiles(Dataset):
             image = read_image(self.paths[index])
         except UnreadableImageFileError as error:
             if not self.skip_unreadable:
-                raise
+                raise UnreadableImageFileError(f"{error} with {self.skip_key}=true") from None
             self.skipped.increment()
             logger.warning("skipping image: %s", error)
             return None

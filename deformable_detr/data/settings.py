@@ -4,9 +4,11 @@ The defaults are the official COCO recipe; they live here and nowhere else (the 
 the ``dataset`` group is generated from these classes, the YAML files only say what differs).
 """
 import dataclasses
-from typing import List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
-from .synthetic import SyntheticConfig
+from ..errors import ConfigError
+from .synthetic import SyntheticConfig, ensure_synthetic_dataset
+from .synthetic_shapes import SHAPE_CATEGORIES
 from .transforms import (
     CROP_MAX_SIZE,
     CROP_MIN_SIZE,
@@ -86,6 +88,8 @@ class DatasetSettings:
     synthetic: Optional[SyntheticConfig] = None
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"dataset.kind={self.kind} is not one of {', '.join(KINDS)}")
         # built from a config, the nested settings arrive as plain dicts
         if isinstance(self.train_transforms, Mapping):
             self.train_transforms = TrainTransformSettings(**self.train_transforms)
@@ -93,3 +97,29 @@ class DatasetSettings:
             self.eval_transforms = EvalTransformSettings(**self.eval_transforms)
         if isinstance(self.synthetic, Mapping):
             self.synthetic = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.synthetic.items()})
+
+    def prepare(self, root: str) -> None:
+        """Make ``root`` ready to read: the built-in set is generated there the first time."""
+        if self.kind == "synthetic":
+            ensure_synthetic_dataset(root, self.synthetic or SyntheticConfig())
+
+    def default_num_classes(self) -> int:
+        """The class count a model of this dataset gets without reading its annotations:
+        ``num_classes``, the built-in set's, or COCO's 91 logits."""
+        if self.num_classes is not None:
+            return int(self.num_classes)
+        categories = built_in_categories(self.kind)
+        return max(c["id"] for c in categories) + 1 if categories else COCO_LOGITS
+
+
+KINDS = ("coco", "synthetic")
+COCO_LOGITS = 91  # class index = COCO category id, 1..90, and the unused 0
+
+
+def built_in_categories(kind: Optional[str]) -> Optional[List[Dict[str, object]]]:
+    """The categories [{id, name}] a dataset of ``kind`` has by construction: the synthetic set's
+    shapes; None for a COCO-format dataset (its annotation file says)."""
+    if kind == "synthetic":
+        return [{"id": i, "name": name} for i, name in SHAPE_CATEGORIES]
+    return None
+

@@ -7,7 +7,7 @@ import torch
 from ..evaluation.coco_evaluator import CocoEvaluation, CocoEvaluator
 from ..utils import distributed
 from ..utils.metric_logger import ProgressMeter
-from .precision import AMP_DTYPES, outputs_to_float, to_device
+from .precision import autocast, outputs_to_float, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ def evaluate(
 
 
 def _evaluate(model, postprocess, loader, coco_gt, device, amp, log_every, on_batch) -> Optional[CocoEvaluation]:
-    amp_dtype = AMP_DTYPES[amp]
     evaluator = CocoEvaluator(coco_gt)
     meter = ProgressMeter(len(loader), prefix="[eval]")
     skipped = getattr(loader.dataset, "skipped", None)
@@ -53,7 +52,7 @@ def _evaluate(model, postprocess, loader, coco_gt, device, amp, log_every, on_ba
     for step, (images, masks, targets) in enumerate(loader, 1):
         if images.shape[0] > 0:  # else every image of this batch was unreadable and skipped
             images, masks, targets = to_device(images, masks, targets, device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp):
                 outputs = model(images, masks)
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
             results = postprocess(outputs_to_float(outputs), orig_sizes)

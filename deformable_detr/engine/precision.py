@@ -2,7 +2,7 @@
 float32 matrix products and convolutions compute (``trainer.fp32_precision``)."""
 import contextlib
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -74,11 +74,12 @@ def set_fp32_precision(precision: Optional[str], device: torch.device, key: str 
         flag.fp32_precision = precision
 
 
-def autocast(device: torch.device, amp: Optional[str]):
-    """Autocast to ``amp`` ("bf16" or "fp16") on ``device``'s type; a no-op for None."""
-    if AMP_DTYPES[amp] is None:
+def autocast(device: torch.device, amp: Union[None, str, torch.dtype]):
+    """Autocast to ``amp`` ("bf16", "fp16" or the torch dtype) on ``device``'s type; a no-op for None."""
+    dtype = amp if isinstance(amp, torch.dtype) else AMP_DTYPES[amp]
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def outputs_to_float(outputs):

@@ -13,9 +13,13 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 from torch import nn
 
-# the compiled op as the profiler names it
+# the op as the profiler names it (the Triton implementation's ranges count as the same)
 OP_FORWARD = "deformable_attention::ms_deform_attn_forward"
 OP_BACKWARD = "deformable_attention::ms_deform_attn_backward"
+ALIASES = {
+    "deformable_attention::ms_deform_attn_triton_forward": OP_FORWARD,
+    "deformable_attention::ms_deform_attn_triton_backward": OP_BACKWARD,
+}
 
 # (row, range that counts, ranges inside it that are reported on their own rows)
 PARTS: Sequence[Tuple[str, str, Tuple[str, ...]]] = (
@@ -103,7 +107,7 @@ def step_breakdown(events, step_label: str = "step") -> Dict[str, float]:
     """
     ranges: Dict[str, List[Interval]] = {}
     for event in events:
-        ranges.setdefault(event.name, []).append((event.time_range.start, event.time_range.end))
+        ranges.setdefault(ALIASES.get(event.name, event.name), []).append((event.time_range.start, event.time_range.end))
     merged = {name: _merge(intervals) for name, intervals in ranges.items()}
     steps = len(ranges.get(step_label, []))
     if steps == 0:

@@ -24,7 +24,7 @@ def _duration(seconds: float) -> str:
 class TrainingProgress:
     """Reports the steps of a run of ``total_steps`` steps (``steps_per_epoch`` per epoch).
 
-    Every ``log_every`` steps (and at an epoch's end) the main process logs a line such as
+    After the first step, every ``log_every`` steps and at an epoch's end the main process logs a line such as
     ``[epoch 3] 120/200 eta 0:01:10 (run 0:12:40) 9.8 img/s loss 4.21 ...`` and writes the
     rank-averaged values to TensorBoard (``writer``). On a terminal a progress bar shows the same.
     The run's remaining time counts the remaining steps at the recent step time plus the
@@ -39,6 +39,7 @@ class TrainingProgress:
         self.remaining_evaluations = 0
         self.meter: Optional[ProgressMeter] = None
         self._bar = None
+        self.reported_a_step = False
 
     def start_epoch(self, epoch: int, epoch_step: int) -> None:
         self.meter = ProgressMeter(self.steps_per_epoch, prefix=f"[epoch {epoch}]")
@@ -65,7 +66,9 @@ class TrainingProgress:
             # fp16's GradScaler skipped the step (its gradients overflowed): the norm would make the epoch's average inf or NaN
             del values["grad_norm"]
         self.meter.update(result.images * distributed.get_world_size(), **values)
-        if epoch_step % self.log_every and epoch_step != self.steps_per_epoch:
+        # the first step this process trains is reported at once: a run shows it is alive
+        first, self.reported_a_step = not self.reported_a_step, True
+        if epoch_step % self.log_every and epoch_step != self.steps_per_epoch and not first:
             return
         reduced = distributed.reduce_dict({k: torch.tensor(v) for k, v in values.items()})
         if not distributed.is_main_process():

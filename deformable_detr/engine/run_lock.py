@@ -30,23 +30,33 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if fcntl is None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunDirectoryBusyError(
+                    f"hydra.run.dir={os.path.dirname(self.path)} is in use by another training run ({holder}); "
+                    "wait for it to finish or stop it, or train into another directory"
+                ) from None
+            if _same_file(fd, self.path):
+                break
+            # the holder released and removed the file between our open and flock: lock the path's new file
             os.close(fd)
-            raise RunDirectoryBusyError(
-                f"hydra.run.dir={os.path.dirname(self.path)} is in use by another training run ({holder}); "
-                "wait for it to finish or stop it, or train into another directory"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode(), 0)
         self._fd = fd
         return self
 
     def release(self) -> None:
+        """Remove the lock file and unlock: a run that ended cleanly leaves no lock file behind."""
         if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -64,3 +74,11 @@ def _read_holder(fd: int) -> str:
         return f"host {holder['host']}, pid {holder['pid']}"
     except (ValueError, KeyError, OSError):
         return "holder unknown"
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
 from ..utils import distributed
 from .precision import autocast, outputs_to_float, to_device
 
@@ -24,8 +25,9 @@ logger = logging.getLogger(__name__)
 Batch = Tuple[torch.Tensor, torch.Tensor, List[Dict]]
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive steps whose loss was NaN or infinite."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Raised after too many consecutive steps whose loss was NaN or infinite: the recipe diverged
+    (a learning rate too high, bad annotations), which the tools report in one line."""
 
 
 @dataclasses.dataclass
@@ -100,23 +102,26 @@ class TrainStep:
                 total = self.criterion.total_loss(losses) * loss_weight
                 if not all_ranks_finite(total):
                     return self._skip_non_finite(total, all_targets, synchronized=last)
-                if self.scaler is None:
-                    total.backward()
-                else:
-                    self.scaler.scale(total).backward()
+                # named ranges for the profiler (tools/benchmark.py measure=[profile]); free otherwise
+                with torch.autograd.profiler.record_function("backward"):
+                    if self.scaler is None:
+                        total.backward()
+                    else:
+                        self.scaler.scale(total).backward()
             _add(summed, losses, total, len(micro_batches))
         self.nonfinite_in_a_row = 0
 
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients(self.params, self.max_norm)
-        if self.scaler is None:
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skip_schedule_step(self.scheduler)  # quietly: the scaler skips the optimizer's step when gradients overflowed
+        with torch.autograd.profiler.record_function("optimizer"):
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = clip_gradients(self.params, self.max_norm)
+            if self.scaler is None:
+                self.optimizer.step()
+                self.scheduler.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                skip_schedule_step(self.scheduler)  # quietly: the scaler skips the optimizer's step when gradients overflowed
         if self.ema is not None:
             self.ema.update_parameters(self.detector)
 

@@ -423,12 +423,19 @@ class Trainer:
         if evaluation is None:
             return None
         self.last_evaluation = evaluation
-        logger.info("evaluation after epoch %d:\n%s", self.epoch - 1, evaluation.table)
+        precision = self.settings.amp or "float32"
+        weights = "EMA weights" if self.ema is not None else "weights"
+        logger.info("evaluation after epoch %d (%s, %s):\n%s", self.epoch - 1, weights, precision, evaluation.table)
         entry = {"epoch": self.epoch - 1, **{f"val_{k}": v for k, v in evaluation.stats.items()}}
         if self.history and self.history[-1].get("epoch") == self.epoch - 1:
             self.history[-1].update(entry)
         self._log_json(entry)
-        write_json_atomic(os.path.join(self.run_dir, "metrics.json"), evaluation.metrics())
+        # what was measured, as tools/eval.py records it
+        dataset = getattr(self.val_loader, "dataset", None)
+        measured = {"training": {"epoch": self.epoch - 1, "step": self.step, "ema": self.ema is not None}, "precision": precision}
+        if hasattr(dataset, "annotation_file"):
+            measured["dataset"] = {"annotations": os.path.abspath(dataset.annotation_file), "images": len(dataset)}
+        write_json_atomic(os.path.join(self.run_dir, "metrics.json"), dict(evaluation.metrics(), **measured))
         write_json_atomic(os.path.join(self.run_dir, "predictions.json"), evaluation.predictions)
         if self.writer is not None:
             for name, value in evaluation.stats.items():

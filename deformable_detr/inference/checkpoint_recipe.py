@@ -18,7 +18,7 @@ import torch
 from .. import recipes
 from ..builder import instantiate
 from ..data.coco_categories import COCO_CATEGORIES
-from ..data.synthetic_shapes import SHAPE_CATEGORIES
+from ..data.settings import built_in_categories
 from ..data.transforms import EVAL_MAX_SIZE, EVAL_SIZE
 from ..errors import CheckpointError, ConfigError
 from ..models.weights import (
@@ -64,7 +64,7 @@ class CheckpointRecipe:
 
 
 def read_recipe(path: str, experiment: Optional[str] = None, model_overrides: Optional[Mapping[str, Any]] = None,
-                key: str = "checkpoint") -> CheckpointRecipe:
+                key: str = "checkpoint", model_config: Optional[Mapping[str, Any]] = None) -> CheckpointRecipe:
     """Read ``path`` and the recipe it implies.
 
     Args:
@@ -73,14 +73,19 @@ def read_recipe(path: str, experiment: Optional[str] = None, model_overrides: Op
             bare state_dict).
         model_overrides: dotted model keys to change, e.g. ``{"transformer.dropout": 0.0}``.
         key: how errors name the file (``checkpoint=PATH``).
+        model_config: a model ``_target_`` tree to build instead (a tool's composed ``model`` for
+            ``experiment``, which may come from another config directory).
     """
     checkpoint = read_checkpoint(path, key)
     official = is_official(checkpoint)
     saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else None
     if experiment is None and official:
         experiment = official_experiment(checkpoint, path, key)
-        logger.info("%s=%s is an official %s file", key, path, experiment)
-    if experiment is not None:
+        logger.info("%s=%s is an official %s file: using experiment=%s", key, path, experiment, experiment)
+    if model_config is not None:
+        name, model_config = experiment or "model", copy.deepcopy(dict(model_config))
+        eval_size, eval_max_size = EVAL_SIZE, EVAL_MAX_SIZE
+    elif experiment is not None:
         name, model_config = experiment, recipes.experiment_model(experiment)
         eval_size, eval_max_size = recipes.experiment_eval_sizes(experiment)
     elif saved is not None and isinstance(saved.get("model"), Mapping):
@@ -153,8 +158,9 @@ def categories_of(checkpoint: Mapping[str, Any], saved: Optional[Mapping[str, An
     if is_official(checkpoint):
         return [dict(c) for c in COCO_CATEGORIES]
     dataset = (saved or {}).get("dataset") or {}
-    if dataset.get("kind") == "synthetic":
-        return [{"id": i, "name": name} for i, name in SHAPE_CATEGORIES]
+    built_in = built_in_categories(dataset.get("kind"))
+    if built_in is not None:
+        return built_in
     annotations = dataset.get("val_annotations")
     if not annotations and dataset.get("root"):
         annotations = os.path.join(os.path.expanduser(str(dataset["root"])), "annotations", "instances_val2017.json")

@@ -20,9 +20,11 @@ import torch
 from ..data.collate import pad_images
 from ..data.transforms import EVAL_MAX_SIZE, EVAL_SIZE, make_eval_transforms
 from ..engine.compilation import check_compiler, compile_detector
-from ..errors import ConfigError, DeviceError
+from ..engine.precision import autocast
+from ..errors import ConfigError
 from ..models.category_mask import keep_categories
 from ..models.postprocess import PostProcess
+from ..utils.devices import resolve_device
 from .checkpoint_recipe import CheckpointRecipe, read_recipe
 from .images import as_rgb_image
 
@@ -55,19 +57,6 @@ class Detections:
              "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
             for (x0, y0, x1, y1), score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist())
         ]
-
-
-def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
-    """``"auto"`` (or None): a GPU when one is visible, else the CPU; a GPU asked for must exist."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ConfigError(f"device={device} is not a device: use auto, cpu, cuda or cuda:N") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device={device} but no CUDA GPU is visible (torch {torch.__version__}); use device=cpu")
-    return device
 
 
 def precision_dtype(precision: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
@@ -129,11 +118,21 @@ class Detector:
         another recipe) are ``deformable_detr.errors.UserError``s naming the file and the fix.
         """
         recipe = read_recipe(path, experiment=experiment, model_overrides=model_overrides)
+        return cls.from_recipe(recipe, device, precision=precision, compile=compile, num_select=num_select,
+                               restrict_to_categories=restrict_to_categories)
+
+    @classmethod
+    def from_recipe(cls, recipe: CheckpointRecipe, device="auto", *, precision: Union[None, str, torch.dtype] = None,
+                    compile: bool = False, num_select: int = 100, restrict_to_categories: bool = True,
+                    eval_size: Optional[int] = None, eval_max_size: Optional[int] = None) -> "Detector":
+        """A detector of a checkpoint already read (``read_recipe``); ``eval_size``, ``eval_max_size``
+        replace the recipe's evaluation resize. Other arguments as ``from_checkpoint``."""
         device = resolve_device(device)
         model, _ = recipe.build_model(device)
-        detector = cls(model, recipe.categories, eval_size=recipe.eval_size, eval_max_size=recipe.eval_max_size,
-                       device=device, precision=precision, num_select=num_select,
-                       restrict_to_categories=restrict_to_categories, name=recipe.name, checkpoint=recipe)
+        detector = cls(model, recipe.categories, eval_size=eval_size or recipe.eval_size,
+                       eval_max_size=eval_max_size or recipe.eval_max_size, device=device, precision=precision,
+                       num_select=num_select, restrict_to_categories=restrict_to_categories, name=recipe.name,
+                       checkpoint=recipe)
         return detector.compile() if compile else detector
 
     # ------------------------------------------------------------------ properties
@@ -145,6 +144,11 @@ class Detector:
     @property
     def category_ids(self) -> Optional[List[int]]:
         return [int(c["id"]) for c in self.categories] if self.categories is not None else None
+
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """The module ``forward`` calls: ``model``, or its ``torch.compile`` wrapper after ``compile()``."""
+        return self._forward_model
 
     def compile(self) -> "Detector":
         """Run the model through ``torch.compile`` from now on (dynamic image sizes); returns self."""
@@ -170,7 +174,7 @@ class Detector:
     def forward(self, batch: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The model's ``pred_logits`` (B, Q, K) and ``pred_boxes`` (B, Q, 4) in float32 on a padded
         batch; with ``restrict_to_categories`` the logits of ids that are no category are -inf."""
-        with torch.autocast(self.device.type, dtype=self.precision or torch.float32, enabled=self.precision is not None):
+        with autocast(self.device, self.precision):
             outputs = self._forward_model(batch.to(self.device), masks.to(self.device))
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         if self.restrict_to_categories:

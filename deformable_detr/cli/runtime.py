@@ -1,12 +1,10 @@
-"""What the tools share: the command-line check, device, run directory, logging, data from config,
-and the one error path (a ``UserError`` is one line and exit status 2; anything else a traceback)."""
-import difflib
+"""What the tools share: the run directory, logging, and data from the ``dataset`` config node."""
 import functools
 import logging
 import os
 import shutil
 import sys
-from typing import Callable, Iterable, Optional, Tuple, Type
+from typing import Iterable, Optional
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -14,48 +12,20 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from deformable_detr.errors import ConfigError, DeviceError, MissingFileError, UserError
-
-from deformable_detr.data import (
-    CocoDetection,
-    ShardedSampler,
-    SyntheticConfig,
-    build_coco_dataset,
-    collate,
-    ensure_synthetic_dataset,
-)
-from deformable_detr.data.settings import DatasetSettings
-from deformable_detr.engine.distributed import shutdown_distributed
-from deformable_detr.utils import allocator, distributed
+from .. import recipes
+from ..data import CocoDetection, ShardedSampler, build_coco_dataset, collate
+from ..data.settings import DatasetSettings
+from ..errors import ConfigError, MissingFileError, UserError
+from ..utils import devices, distributed
 
 logger = logging.getLogger("deformable_detr")
 
-# oneDNN, which runs the CPU convolutions and bfloat16 matrix products, compiles a primitive per
-# input shape and keeps 1024 of them by default. Over the default recipe's batch shapes (bfloat16)
-# a step took 0.262-0.270 s with 1024 and 0.219-0.221 s with 4096; padded to multiples of 32 px
-# (dataset.train_pad_multiple), 0.227 s with 1024 and 0.220 s with 16384. Shapes that never
-# recur fill any capacity within an epoch or two, so it helps most early in a run. oneDNN reads
-# it at its first primitive, so it is set before any model runs; the environment's value wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
-
-# freed blocks of 32 MiB and more stay in the process for the next step instead of being unmapped
-# and faulted in again (deformable_detr/utils/allocator.py): the r50 recipe's CPU step took
-# 3.66 s with glibc's defaults and 3.40-3.53 s with this; the environment's settings win
-allocator.keep_freed_memory()
-
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = recipes.CONFIG_DIR
 
 
 def resolve_device(name: str) -> str:
-    """``device=`` as a torch device string; fails at once when the device is not there."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError(f"device={name} is not one of auto, cpu, cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device={name} but no CUDA GPU is visible (torch {torch.__version__}); use device=cpu")
-    return name
+    """``device=`` as a torch device string (see ``deformable_detr.utils.devices``)."""
+    return str(devices.resolve_device(name))
 
 
 def check_files_exist(cfg: DictConfig, keys: Iterable[str]) -> None:
@@ -68,49 +38,6 @@ def check_files_exist(cfg: DictConfig, keys: Iterable[str]) -> None:
         if not os.path.isfile(os.path.expanduser(str(path))):
             fix = {"resume": "; resume=null starts over, resume=auto continues the run directory's last checkpoint"}.get(key, "")
             raise MissingFileError(f"{key}={path} does not exist (or is not a file){fix}")
-
-
-def check_command_line(config_name: str, arguments: Iterable[str]) -> None:
-    """Report a misspelled key override (``trainer.epoch=1``) as one line with a suggestion, as
-    the checks do for ``+key=`` additions; Hydra itself only says the key is not in the struct."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
-
-    overrides = [a for a in arguments if "=" in a and not a.startswith("-")]
-    groups = {name for name in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, name))}
-
-    def is_group(override: str) -> bool:
-        key = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
-        return key in groups or key.startswith("hydra") or "/" in key
-
-    plain = [o for o in overrides if not o.startswith(("+", "~")) and not is_group(o)]
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=[o for o in overrides if is_group(o)])
-            if plain:
-                _report_bad_key(cfg, plain)
-            compose(config_name=config_name, overrides=overrides)
-    except ConfigCompositionException as error:
-        # e.g. trainer.epochs=abc: the typed schema refuses the value; one line instead of Hydra's report
-        cause = str(error.__cause__ or error).splitlines()[0]
-        print(f"error: {str(error).splitlines()[0]}: {cause}", file=sys.stderr)
-        sys.exit(2)
-    except Exception:
-        return  # anything else Hydra reports itself, when it composes the config again
-
-
-def _report_bad_key(cfg: DictConfig, plain: Iterable[str]) -> None:
-    for override in plain:
-        key = override.split("=", 1)[0]
-        parent_key, _, leaf = key.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-        if not isinstance(parent, DictConfig) or leaf in parent.keys():
-            continue
-        close = difflib.get_close_matches(leaf, [str(k) for k in parent.keys()], n=1)
-        prefix = f"{parent_key}." if parent_key else ""
-        hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(map(str, parent.keys()))}"
-        print(f"error: {key} is not a known key ({hint})", file=sys.stderr)
-        sys.exit(2)
 
 
 def run_directory() -> str:
@@ -146,10 +73,7 @@ def dataset_settings(node) -> DatasetSettings:
     """The ``dataset`` config node, built (a ``DatasetSettings``; passed through if it is one)."""
     if isinstance(node, DatasetSettings):
         return node
-    settings = build(node, _convert_="all")
-    if settings.kind not in ("coco", "synthetic"):
-        raise ConfigError(f"dataset.kind={settings.kind} is not one of coco, synthetic")
-    return settings
+    return build(node, _convert_="all")
 
 
 def dataset_root(node) -> Optional[str]:
@@ -163,8 +87,7 @@ def dataset_root(node) -> Optional[str]:
             "DIR/annotations/instances_{train,val}2017.json (or set dataset.val_images and dataset.val_annotations)"
         )
     root = os.path.abspath(os.path.expanduser(str(data.root)))
-    if data.kind == "synthetic":
-        ensure_synthetic_dataset(root, data.synthetic or SyntheticConfig())
+    data.prepare(root)
     return root
 
 
@@ -245,26 +168,6 @@ def num_classes_of(node, *datasets) -> int:
     return max(d.num_classes for d in datasets)
 
 
-def run_reporting_errors(function: Callable[[DictConfig], object], cfg: DictConfig,
-                         expected: Tuple[Type[BaseException], ...] = (UserError,)):
-    """Run ``function(cfg)``. A ``UserError`` (a bad key or value, a missing or unreadable file, an
-    absent device, a checkpoint of another recipe) is the user's mistake, not a bug: it is logged
-    and printed as one ``error:`` line and the process exits with status 2, without a traceback.
-    Anything else keeps its traceback. The process group is shut down in every case."""
-    try:
-        return function(cfg)
-    except expected as error:
-        # the run's log file keeps the error too; the console gets exactly one line
-        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (error,), None)
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        shutdown_distributed()
-
-
 def build(node: DictConfig, **kwargs):
     """``instantiate(node, **kwargs)``, letting a ``UserError`` raised by the constructor (a value
     it refuses) through as itself rather than wrapped in Hydra's InstantiationException."""
@@ -277,4 +180,19 @@ def build(node: DictConfig, **kwargs):
         if cause is not None:
             raise cause from None
         raise
+
+
+def precision_name(amp: Optional[str]) -> str:
+    """How a model computes under ``amp``: ``float32``, or ``bf16`` / ``fp16`` autocast."""
+    return f"{amp} autocast" if amp else "float32"
+
+
+def provenance(recipe, amp: Optional[str], dataset) -> dict:
+    """What an evaluation measured, for ``metrics.json``: the checkpoint (path, recipe, epoch, step),
+    the precision and the dataset (annotation file, images)."""
+    return {
+        "checkpoint": {"path": os.path.abspath(recipe.path), "recipe": recipe.name, "epoch": recipe.epoch, "step": recipe.step},
+        "precision": amp or "float32",
+        "dataset": {"annotations": os.path.abspath(dataset.annotation_file), "images": len(dataset)},
+    }
 

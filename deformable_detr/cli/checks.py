@@ -91,7 +91,10 @@ def _check_node(node: DictConfig, path: str, target: str, problems: List[str]) -
         if key in accepted:
             if key in hints and not OmegaConf.is_missing(node, key) and not _matches(node[key], hints[key]):
                 value = OmegaConf.to_container(node[key]) if isinstance(node[key], (DictConfig, ListConfig)) else node[key]
-                problems.append(f"{path}.{key}={value!r} is not {_describe(hints[key])}")
+                kind = _describe(hints[key])
+                example = _EXAMPLES.get(hints[key])
+                fix = f": {path}.{key} takes {kind}, e.g. {path}.{key}={example}" if example else ""
+                problems.append(f"{path}.{key}={value} is not {kind}{fix}")
             continue
         close = difflib.get_close_matches(str(key), accepted, n=1)
         hint = f" (did you mean {path}.{close[0]}?)" if close else f"; it accepts {', '.join(accepted)}"
@@ -137,6 +140,7 @@ def _item_type(annotation):
     return arguments[0] if arguments else Any
 
 
+_EXAMPLES = {int: "1", float: "0.5", bool: "true", str: "text"}
 _NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
           str: ("a string", "strings"), type(None): ("null", "nulls")}
 

@@ -1,14 +1,15 @@
 """One measurement of tools/benchmark.py, run in a fresh process so that its peak memory is its own.
 
-    python tools/benchmark_worker.py SPEC_JSON
+    python -m deformable_detr.cli.benchmark_worker SPEC_JSON
 
 SPEC_JSON (written by tools/benchmark.py) holds ``mode`` (inference | training | profile), the
-resolved ``model``, ``criterion`` and ``optimizer`` config nodes, ``num_classes``, ``device``,
+resolved ``model``, ``criterion``, ``optimizer`` and ``schedule`` config nodes, ``num_classes``, ``device``,
 ``precision`` (fp32 | bf32 | tf32 | bf16 | fp16), ``compile`` (torch.compile the detector), ``batch``,
 ``image_size`` [H, W], ``warmup``, ``iterations`` and ``seed``. Prints one JSON line: the result.
 
 Inputs are random: images (B, 3, H, W) from a normal distribution without padding, and for
-training 1 to 10 random boxes per image with random labels. Times are taken with the allocators
+training 1 to 10 random boxes per image with random labels. A training iteration is the training
+loop's own step (``engine.train_step.TrainStep``). Times are taken with the allocators
 as training runs them (glibc's malloc keeping freed memory, deformable_detr/utils/allocator.py).
 Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed iterations; on the CPU the
 process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over one more iteration
@@ -23,11 +24,12 @@ import time
 from typing import Dict
 
 import torch
-from hydra.utils import instantiate
 
+from deformable_detr.builder import instantiate
 from deformable_detr.engine.compilation import compile_detector
 from deformable_detr.engine.profiling import label_modules, step_breakdown
-from deformable_detr.engine.precision import AMP_DTYPES, outputs_to_float, set_fp32_precision
+from deformable_detr.engine.precision import autocast, set_fp32_precision
+from deformable_detr.engine.train_step import TrainStep
 from deformable_detr.utils import allocator
 
 # the autocast (``amp``) of each precision, and the float32 products' precision (``fp32_precision``)
@@ -94,7 +96,7 @@ class Session:
         # what is called; the matcher, losses and optimizer stay eager, as in training. Every
         # iteration has the same input size: static shapes (dynamic ones compile far longer)
         self.forward = compile_detector(self.model, dynamic=False) if spec.get("compile") else self.model
-        self.amp_dtype = AMP_DTYPES[PRECISIONS[spec["precision"]]]
+        self.amp = PRECISIONS[spec["precision"]]
         generator = torch.Generator().manual_seed(spec["seed"])
         height, width = spec["image_size"]
         images, masks, targets = random_batch(spec["batch"], height, width, spec["num_classes"], generator)
@@ -103,46 +105,30 @@ class Session:
         self.training = spec["mode"] != "inference"
         if self.training:
             self.criterion = instantiate(spec["criterion"], num_classes=spec["num_classes"]).to(self.device)
-            self.optimizer = instantiate(spec["optimizer"])(self.model)
-            self.scaler = torch.amp.GradScaler(self.device.type) if spec["precision"] == "fp16" else None
-            self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer = instantiate(spec["optimizer"])(self.model)
+            schedule = instantiate(spec["schedule"])(optimizer, iters_per_epoch=1000)
+            scaler = torch.amp.GradScaler(self.device.type) if spec["precision"] == "fp16" else None
+            # clipping at the recipe's 0.1, as the trainer steps
+            self.train_step = TrainStep(self.forward, self.criterion, optimizer, schedule, self.device, amp=self.amp,
+                                        scaler=scaler, max_norm=0.1)
             self.model.train()
         else:
             self.model.eval()
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
     def synchronize(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def inference_step(self):
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, self.amp):
             self.forward(self.images, self.masks)
 
     def training_step(self):
-        """One optimizer step as the train loop takes it: autocast forward, float32 losses,
-        backward, clipping at the recipe's 0.1, step."""
-        with self._autocast():
-            outputs = self.forward(self.images, self.masks)
-        losses = self.criterion(outputs_to_float(outputs), self.targets)
-        total = self.criterion.total_loss(losses)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autograd.profiler.record_function("backward"):
-            if self.scaler is not None:
-                self.scaler.scale(total).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                total.backward()
-            self.synchronize()
-        with torch.autograd.profiler.record_function("optimizer"):
-            torch.nn.utils.clip_grad_norm_(self.params, 0.1)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        """One optimizer step of the training loop: autocast forward, float32 losses, backward,
+        clipping, step, schedule."""
+        result = self.train_step(self.images, self.masks, self.targets)
+        if result.skipped:
+            raise RuntimeError("the benchmark's training step was skipped (a non-finite loss)")
 
     def step(self):
         (self.training_step if self.training else self.inference_step)()
@@ -206,7 +192,7 @@ def profile_training(spec: Dict) -> Dict:
 
 def main():
     spec = json.loads(sys.argv[1])
-    allocator.keep_freed_memory()  # as the tools run (tools/runtime.py)
+    allocator.keep_freed_memory()  # as the tools run (deformable_detr/cli/app.py)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = profile_training(spec) if spec["mode"] == "profile" else measure_speed(spec)

@@ -1,7 +1,7 @@
 """Typed schemas of the root configs, their ``dataset`` node generated from the library's
 ``DatasetSettings`` (which holds the defaults). Registering them makes Hydra reject unknown keys,
 including ``+key=value`` additions, with the key's name; the other groups are ``_target_`` nodes
-checked against their callable's signature (see ``config_checks``)."""
+checked against their callable's signature (see ``checks``)."""
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -87,7 +87,7 @@ class InferConfig(RecipeConfig):
     num_workers: int = 2
     score_threshold: float = 0.3
     skip_unreadable: bool = False
-    picture_format: str = "png"
+    picture_format: str = "auto"
 
 
 @dataclass
