@@ -69,3 +69,51 @@ def make_inputs(spatial_shapes, *, batch=2, heads=8, channels=32, queries=100, p
         locations.to(**cast),
         weights.to(**cast),
     )
+
+
+def with_borders(locations):
+    """A copy of sampling locations with some coordinates exactly on the borders 0 and 1 (half a
+    pixel from the centres, where bilinear sampling is smooth)."""
+    locations = locations.clone()
+    flat = locations.view(-1)
+    flat[0::7] = 0.0
+    flat[3::11] = 1.0
+    return locations
+
+
+def outputs_and_gradients(function, inputs, grad_output):
+    """[output, grad of value, of sampling_locations, of attention_weights] of ``function(*inputs)``
+    (the op's five arguments) for ``grad_output``, on detached copies of the inputs."""
+    value, shapes, starts, locations, weights = (t.detach().clone() for t in inputs)
+    differentiable = (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_())
+    output = function(value, shapes, starts, locations, weights)
+    output.backward(grad_output.to(output.dtype))
+    return [output.detach()] + [t.grad for t in differentiable]
+
+
+def widen(inputs):
+    """The floating tensors of ``inputs`` in float64 (the others as they are)."""
+    return [t.double() if t.is_floating_point() else t for t in inputs]
+
+
+def magnitude(tensor) -> float:
+    """Largest absolute entry (0 for an empty tensor)."""
+    return tensor.abs().max().item() if tensor.numel() else 0.0
+
+
+class ProjectedAttention(torch.nn.Module):
+    """A stand-in for a model layer, in float64: a value projection and a softmax around the op, so
+    that gradients reach parameters through it. ``implementation`` as ``ms_deform_attn``'s."""
+
+    def __init__(self, channels, implementation="auto"):
+        super().__init__()
+        self.value_projection = torch.nn.Linear(channels, channels, dtype=torch.float64)
+        self.implementation = implementation
+
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        from .dispatch import ms_deform_attn
+
+        N, S, M, D = value.shape
+        value = self.value_projection(value.flatten(2)).view(N, S, M, D)
+        return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights.softmax(-1),
+                              implementation=self.implementation)

@@ -4,25 +4,11 @@ import torch
 
 import deformable_detr_ops as ops
 from deformable_detr_ops import ms_deform_attn
-from deformable_detr_ops.testing import make_inputs
+from deformable_detr_ops.testing import ProjectedAttention, make_inputs
 
 requires_kernel = pytest.mark.skipif(
     not ops.library_loaded(), reason=f"the compiled kernels are not built. {ops.BUILD_HINT}"
 )
-
-
-class Attention(torch.nn.Module):
-    """A stand-in for a model layer: projections around the op, so that gradients flow through it."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.value_projection = torch.nn.Linear(channels, channels, dtype=torch.float64)
-
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        N, S, M, D = value.shape
-        value = self.value_projection(value.flatten(2)).view(N, S, M, D)
-        return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights.softmax(-1))
 
 
 def run(function, inputs):
@@ -43,7 +29,7 @@ def model_inputs(queries=5):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compile_fullgraph_matches_eager(dynamic):
     torch._dynamo.reset()
-    module = Attention(8)
+    module = ProjectedAttention(8)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     for queries in (5, 7):
         inputs = model_inputs(queries)
@@ -53,7 +39,7 @@ def test_compile_fullgraph_matches_eager(dynamic):
 
 @requires_kernel
 def test_export_matches_eager():
-    module = Attention(8)
+    module = ProjectedAttention(8)
     inputs = model_inputs()
     exported = torch.export.export(module, tuple(inputs))
     assert any("deformable_attention.ms_deform_attn_forward" in str(node.target)

@@ -5,7 +5,7 @@ import torch
 
 import deformable_detr_ops as ops
 from deformable_detr_ops import ms_deform_attn, ms_deform_attn_reference
-from deformable_detr_ops.testing import make_inputs
+from deformable_detr_ops.testing import magnitude, make_inputs, outputs_and_gradients, widen, with_borders
 
 DEVICE = "cuda"
 
@@ -38,31 +38,11 @@ def case_inputs(name, dtype, seed=0, margin=0.25):
         shapes, batch=2, heads=heads, channels=channels, queries=queries, points=points, dtype=dtype,
         device=DEVICE, margin=margin, seed=seed,
     )
-    flat = locations.view(-1)
-    flat[0::7] = 0.0
-    flat[3::11] = 1.0
-    return value, shapes, starts, locations, weights
+    return value, shapes, starts, with_borders(locations), weights
 
 
 def kernel(*inputs):
     return ms_deform_attn(*inputs, implementation="kernel")
-
-
-def outputs_and_gradients(function, inputs, grad_output):
-    value, shapes, starts, locations, weights = (t.detach().clone() for t in inputs)
-    differentiable = (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_())
-    output = function(value, shapes, starts, locations, weights)
-    output.backward(grad_output.to(output.dtype))
-    return [output.detach()] + [t.grad for t in differentiable]
-
-
-def magnitude(tensor):
-    """Largest absolute entry (0 for an empty tensor)."""
-    return tensor.abs().max().item() if tensor.numel() else 0.0
-
-
-def widen(inputs):
-    return [t.double() if t.is_floating_point() else t for t in inputs]
 
 
 def test_auto_dispatches_to_the_kernel(monkeypatch):

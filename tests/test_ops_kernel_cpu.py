@@ -11,7 +11,7 @@ import torch
 
 import deformable_detr_ops as ops
 from deformable_detr_ops import ms_deform_attn, ms_deform_attn_reference
-from deformable_detr_ops.testing import make_inputs
+from deformable_detr_ops.testing import make_inputs, with_borders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILT = any(
@@ -33,15 +33,6 @@ CASES = {
     "seventy-one-channels": ([(2, 5), (4, 2), (1, 1)], 1, 71, 2, 4),
     "row-and-column-levels": ([(1, 8), (8, 1)], 2, 3, 3, 9),
 }
-
-
-def with_borders(locations):
-    """Puts some coordinates exactly on the borders 0 and 1 (smooth points: half a pixel from the centres)."""
-    locations = locations.clone()
-    flat = locations.view(-1)
-    flat[0::7] = 0.0
-    flat[3::11] = 1.0
-    return locations
 
 
 def case_inputs(name, dtype=torch.float64, seed=0, margin=0.25):

@@ -12,7 +12,14 @@ import torch
 
 import deformable_detr_ops as ops
 from deformable_detr_ops import ms_deform_attn, ms_deform_attn_reference
-from deformable_detr_ops.testing import make_inputs
+from deformable_detr_ops.testing import (
+    ProjectedAttention,
+    magnitude,
+    make_inputs,
+    outputs_and_gradients,
+    widen,
+    with_borders,
+)
 
 DEVICES = [device for device in ("cpu", "cuda") if ops.triton_available(device)]
 
@@ -35,15 +42,6 @@ CASES = {
 }
 
 
-def with_borders(locations):
-    """Some coordinates exactly on the borders 0 and 1 (half a pixel from the centres)."""
-    locations = locations.clone()
-    flat = locations.view(-1)
-    flat[0::7] = 0.0
-    flat[3::11] = 1.0
-    return locations
-
-
 def case_inputs(name, device, dtype=torch.float64, seed=0, margin=0.25, batch=2):
     shapes, heads, channels, points, queries = CASES[name]
     value, shapes, starts, locations, weights = make_inputs(
@@ -55,23 +53,6 @@ def case_inputs(name, device, dtype=torch.float64, seed=0, margin=0.25, batch=2)
 
 def triton(*inputs):
     return ms_deform_attn(*inputs, implementation="triton")
-
-
-def outputs_and_gradients(function, inputs, grad_output):
-    """[output, grad value, grad locations, grad weights] of function(*inputs) for grad_output."""
-    value, shapes, starts, locations, weights = (t.detach().clone() for t in inputs)
-    differentiable = (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_())
-    output = function(value, shapes, starts, locations, weights)
-    output.backward(grad_output.to(output.dtype))
-    return [output.detach()] + [t.grad for t in differentiable]
-
-
-def widen(inputs):
-    return [t.double() if t.is_floating_point() else t for t in inputs]
-
-
-def magnitude(tensor):
-    return tensor.abs().max().item() if tensor.numel() else 0.0
 
 
 def grad_output_for(inputs, seed=0):
@@ -267,24 +248,10 @@ def test_flop_counter_counts_the_op(device):
     }
 
 
-class Attention(torch.nn.Module):
-    """Projections around the op, so that gradients reach parameters through it."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.value_projection = torch.nn.Linear(channels, channels, dtype=torch.float64)
-
-    def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        N, S, M, D = value.shape
-        value = self.value_projection(value.flatten(2)).view(N, S, M, D)
-        return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights.softmax(-1), implementation="triton")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_matches_eager(device):
     torch._dynamo.reset()
-    module = Attention(3).to(device)
+    module = ProjectedAttention(3, implementation="triton").to(device)
     # on a GPU Inductor compiles the Triton kernels into the graph; the interpreter's operators are opaque
     backend = "inductor" if device == "cuda" else "aot_eager"
     compiled = torch.compile(module, fullgraph=True, backend=backend)
