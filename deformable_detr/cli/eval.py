@@ -42,12 +42,14 @@ def run(cfg: DictConfig):
     root = runtime.dataset_root(data)
     val_set = runtime.build_dataset(data, "val", root, cfg.seed)
     loader = runtime.make_loader(val_set, data.eval_batch_size, data.num_workers, False, cfg.seed, session.device)
-    if val_set.num_classes > recipe.num_classes:
-        logger.warning("the dataset has category ids up to %d but the model predicts %d classes", val_set.num_classes - 1, recipe.num_classes)
+    unknown = [i for i in val_set.category_ids if recipe.layout.logit_index(i) is None]
+    if unknown:
+        logger.warning("the model has no logit for the dataset's category ids %s: they are never predicted", unknown)
     logger.info("evaluating %s (%s%s) on %s in %s", recipe.path, "official " if recipe.official else "", recipe.name, session.device,
                 runtime.precision_name(cfg.amp))
     # predictions carry only the val set's category ids (postprocess.restrict_to_dataset_categories)
-    postprocess = PostProcess(cfg.postprocess.num_select, cfg.postprocess.restrict_to_dataset_categories, val_set.category_ids)
+    postprocess = PostProcess(cfg.postprocess.num_select, cfg.postprocess.restrict_to_dataset_categories, val_set.category_ids,
+                              logit_ids=recipe.layout.logit_ids)
     evaluation = evaluate(detector.forward_model, postprocess, loader, val_set.coco, session.device, amp=cfg.amp)
     if cfg.compile:
         logger.info("torch.compile: %d graph(s) compiled", compiled_graphs())

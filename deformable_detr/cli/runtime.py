@@ -17,6 +17,7 @@ from ..data import CocoDetection, ShardedSampler, build_coco_dataset, collate
 from ..data.settings import DatasetSettings
 from ..errors import ConfigError, MissingFileError, UserError
 from ..utils import devices, distributed
+from ..utils.category_layout import CategoryLayout
 
 logger = logging.getLogger("deformable_detr")
 
@@ -153,19 +154,24 @@ def describe_padding(pad_multiple: int) -> str:
     return f", padded to multiples of {pad_multiple} px" if pad_multiple > 1 else ""
 
 
-def describe_categories(coco, num_classes: int) -> str:
-    """E.g. ``6 categories (ids up to 21; 22 logits)``: class indices are category ids."""
+def describe_categories(coco, layout: CategoryLayout) -> str:
+    """E.g. ``6 categories (ids up to 21; 22 logits, one per id)`` or ``3 categories (ids up to 1042;
+    3 logits, one per category)``."""
     ids = sorted(coco.getCatIds())
     if not ids:
-        return f"no categories ({num_classes} logits)"
-    return f"{len(ids)} categories (ids up to {ids[-1]}; {num_classes} logits)"
+        return f"no categories ({layout.num_logits} logits)"
+    per = "one per id" if layout.by_id else "one per category"
+    return f"{len(ids)} categories (ids up to {ids[-1]}; {layout.num_logits} logits, {per})"
 
 
-def num_classes_of(node, *datasets) -> int:
+def category_layout(node, *datasets) -> CategoryLayout:
+    """The model's logits for the categories of ``datasets``, set on each of them (their targets then
+    carry logit indices): see ``CategoryLayout.for_category_ids``."""
     data = dataset_settings(node)
-    if data.num_classes is not None:
-        return int(data.num_classes)
-    return max(d.num_classes for d in datasets)
+    layout = CategoryLayout.for_category_ids({i for d in datasets for i in d.category_ids}, data.num_classes)
+    for dataset in datasets:
+        dataset.layout = layout
+    return layout
 
 
 def build(node: DictConfig, **kwargs):

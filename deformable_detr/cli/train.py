@@ -17,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..engine.checkpoint import find_resume, load_resumable, refuse_to_overwrite, remove_stale_temporaries
 from ..engine.precision import check_fp32_precision, set_fp32_precision
 from ..engine.trainer import Trainer, TrainingData, TrainingParts, resolve_amp
-from ..models.weights import load_weights
+from ..inference.checkpoint_recipe import class_rows_by_name
+from ..models.weights import load_weights, read_checkpoint
 from ..utils import distributed
+from ..utils.category_layout import CategoryLayout
 from . import runtime
 from .app import Run, Tool, start_run
 from .checks import check_config
@@ -49,24 +51,27 @@ def train(cfg: DictConfig):
     root = runtime.dataset_root(data)
     train_set = runtime.build_dataset(data, "train", root, cfg.seed)
     val_set = runtime.build_dataset(data, "val", root, cfg.seed)
-    num_classes = runtime.num_classes_of(data, train_set, val_set)
+    layout = runtime.category_layout(data, train_set, val_set)
+    num_classes = layout.num_logits
     train_loader = runtime.make_loader(train_set, data.batch_size, data.num_workers, True, cfg.seed, device,
                                        data.size_group_window, data.train_pad_multiple)
     val_loader = runtime.make_loader(val_set, data.eval_batch_size, data.num_workers, False, cfg.seed, device)
     logger.info("data: %d train / %d val images, %s, %d steps per epoch%s",
-                len(train_set), len(val_set), runtime.describe_categories(train_set.coco, num_classes), len(train_loader),
+                len(train_set), len(val_set), runtime.describe_categories(train_set.coco, layout), len(train_loader),
                 runtime.describe_grouping(train_loader) + runtime.describe_padding(data.train_pad_multiple))
 
-    parts = build_parts(cfg, settings, num_classes, val_set.category_ids, iters_per_epoch=len(train_loader) // settings.accumulate_steps, device=device)
+    categories = [{"id": int(c["id"]), "name": c["name"]} for c in train_set.coco.loadCats(train_set.coco.getCatIds())]
+    parts = build_parts(cfg, settings, layout, categories, val_set.category_ids, iters_per_epoch=len(train_loader) // settings.accumulate_steps,
+                        device=device)
     writer = None
     if distributed.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-    categories = [{"id": int(c["id"]), "name": c["name"]} for c in train_set.coco.loadCats(train_set.coco.getCatIds())]
     trainer = Trainer(
         parts, TrainingData(train_loader, val_loader, val_set.coco), settings, run_dir, device, writer=writer, seed=cfg.seed,
-        extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes, "categories": categories},
+        extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes, "categories": categories,
+                     "category_layout": layout.to_dict()},
     )
     resume_or_start(cfg, trainer, run_dir)
     stats = trainer.fit()
@@ -91,12 +96,20 @@ def prepare_run_directory(cfg: DictConfig, session: Run) -> None:
                     sum(size for _, size in removed) / 1e6, ", ".join(os.path.basename(path) for path, _ in removed))
 
 
-def build_parts(cfg: DictConfig, settings, num_classes: int, category_ids, iters_per_epoch: int, device: torch.device) -> TrainingParts:
-    """The model (with ``init_weights`` loaded), loss, post-processing and optimization state."""
+def build_parts(cfg: DictConfig, settings, layout: CategoryLayout, categories, category_ids, iters_per_epoch: int,
+                device: torch.device) -> TrainingParts:
+    """The model (with ``init_weights`` loaded: into other categories, each starting from the rows
+    of the checkpoint's category of the same name), loss, post-processing and optimization state."""
+    num_classes = layout.num_logits
     model = runtime.build(cfg.model, num_classes=num_classes).to(device)
     if cfg.init_weights:
-        report = load_weights(model, cfg.init_weights, allow_new_classes=True, key="init_weights")
+        source = read_checkpoint(cfg.init_weights, "init_weights")
+        rows = class_rows_by_name(source, categories, layout, cfg.init_weights)
+        report = load_weights(model, cfg.init_weights, allow_new_classes=True, checkpoint=source, key="init_weights", class_rows=rows)
         logger.info("initialized from %s (%s)%s", cfg.init_weights, report.recipe.name(), "".join(f"; {m}" for m in report.messages))
+        if rows is not None:
+            logger.info("init_weights: %d of the dataset's %d categories start from the checkpoint's category of the same name",
+                        len(rows), len(categories))
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("model %s: %.1fM parameters (%.1fM trainable)", cfg.name, parameters / 1e6, trainable / 1e6)
@@ -104,7 +117,7 @@ def build_parts(cfg: DictConfig, settings, num_classes: int, category_ids, iters
     parts = TrainingParts(
         model=model,
         criterion=instantiate(cfg.criterion, num_classes=num_classes),
-        postprocess=instantiate(cfg.postprocess, category_ids=category_ids),
+        postprocess=instantiate(cfg.postprocess, category_ids=category_ids, logit_ids=layout.logit_ids),
         optimizer=optimizer,
         scheduler=instantiate(cfg.schedule)(optimizer, iters_per_epoch=iters_per_epoch),
         scaler=torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None,

@@ -84,6 +84,7 @@ def run(cfg: DictConfig):
 
     probabilities = outputs["pred_logits"][0].sigmoid().cpu()  # (Q, K)
     scores, labels = probabilities.max(-1)
+    labels = detector.layout.ids_of(labels)  # logit indices -> category ids
     boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][0].cpu()) * torch.tensor([width, height, width, height], dtype=torch.float32)
     queries = chosen_queries(cfg, scores)
     names = detector.names

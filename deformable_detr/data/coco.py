@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError, MissingFileError
+from ..utils.category_layout import CategoryLayout
 from .coco_annotations import coco_target, load_coco_annotations, num_classes_of
 from .skip_counter import SkipCounter
 from .transforms import predicts_size
@@ -44,7 +45,7 @@ class CocoDetection(Dataset):
 
     ``image`` is the output of ``transforms`` (normally a normalized float tensor (3, H, W));
     ``target`` holds ``boxes`` (n, 4) float32 cxcywh in [0, 1] of the transformed size,
-    ``labels`` (n,) int64 category ids, ``image_id`` () int64, ``area`` (n,) float32,
+    ``labels`` (n,) int64 category ids (the model's logit indices once ``layout`` is set), ``image_id`` () int64, ``area`` (n,) float32,
     ``iscrowd`` (n,) int64, ``orig_size`` and ``size`` (2,) int64 (h, w) before and after
     the transforms. Crowd annotations are not targets; see ``coco_target``.
 
@@ -60,7 +61,8 @@ class CocoDetection(Dataset):
     would be silently wrong.
 
     Items are ordered by ascending image id. ``num_classes`` is the largest category id + 1;
-    ``category_ids`` the sorted ids of the file's categories (what predictions may carry).
+    ``category_ids`` the sorted ids of the file's categories (what predictions may carry);
+    ``layout`` (a ``CategoryLayout``, set by the trainer) maps target labels to logits.
     """
 
     def __init__(
@@ -94,6 +96,8 @@ class CocoDetection(Dataset):
         self.skip_unreadable = skip_unreadable
         self.skipped = SkipCounter()
         self.context = context
+        # how target labels map to the model's logits (None: labels are the category ids)
+        self.layout: Optional[CategoryLayout] = None
         self._source_sizes: Optional[List[Optional[Tuple[int, int]]]] = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -164,6 +168,8 @@ class CocoDetection(Dataset):
             logger.warning("skipping image: %s", error)
             return None
         target = coco_target(self.coco.imgToAnns.get(image_id, []), image_id, *image.size)
+        if self.layout is not None:
+            target["labels"] = self.layout.logits_of(target["labels"])
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         return self.transforms(image, target, rng)
 

@@ -30,7 +30,8 @@ TEMP_PREFIX = ".tmp_"
 # what save_atomic's temporary files are called: tempfile's 8 random characters between these
 _TEMP = re.compile(r"^\.tmp_[a-z0-9_]{8}\.pth$")
 # the keys of a training state that a release file (the best checkpoint) leaves out
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_step", "world_size", "batch_size")
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_step", "world_size", "batch_size", "evaluations_without_improvement",
+               "stopped_early")
 
 
 def _umask() -> int:

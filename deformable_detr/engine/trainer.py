@@ -28,6 +28,8 @@ from .train_step import TrainStep, skip_schedule_step
 
 logger = logging.getLogger(__name__)
 
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
 
 @dataclasses.dataclass
 class TrainerSettings:
@@ -47,7 +49,11 @@ class TrainerSettings:
     compile: train and evaluate through ``torch.compile`` of the detector (see
     ``compilation.compile_detector``; the matcher and losses run eagerly). fp32_precision: how
     float32 matrix products and convolutions compute, None (torch's defaults), "ieee", "tf32"
-    (CUDA) or "bf16" (CPUs); see ``precision.set_fp32_precision``.
+    (CUDA) or "bf16" (CPUs); see ``precision.set_fp32_precision``. metric: the COCO stat that
+    picks the best checkpoint and that early stopping watches (AP, AP50, ...).
+    early_stopping_patience: stop once this many evaluations in a row have not improved ``metric``
+    by more than ``early_stopping_min_delta`` over the best (None: never); the best checkpoint
+    holds the best weights (the EMA's, when kept: evaluations use them).
     """
 
     epochs: int = 50
@@ -65,8 +71,17 @@ class TrainerSettings:
     accumulate_steps: int = 1
     compile: bool = False
     fp32_precision: Optional[str] = None
+    metric: str = "AP"
+    early_stopping_patience: Optional[int] = None
+    early_stopping_min_delta: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.metric not in COCO_STATS:
+            raise ConfigError(f"trainer.metric={self.metric} is not one of {', '.join(COCO_STATS)}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ConfigError(f"trainer.early_stopping_patience={self.early_stopping_patience} must be at least 1, or null (never stop early)")
+        if self.early_stopping_min_delta < 0:
+            raise ConfigError(f"trainer.early_stopping_min_delta={self.early_stopping_min_delta} must be >= 0")
         if self.accumulate_steps < 1:
             raise ConfigError(f"trainer.accumulate_steps={self.accumulate_steps} must be >= 1")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -195,6 +210,9 @@ class Trainer:
         self.epoch_step = 0
         self.step = 0
         self.best: Optional[float] = None
+        # evaluations in a row without an improvement of the metric, and whether that stopped the run
+        self.evaluations_without_improvement = 0
+        self.stopped_early = False
         if settings.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
             logger.warning("trainer.amp=bf16 on a CPU without native bfloat16 instructions is emulated and slow; "
                            "trainer.amp=null is faster here")
@@ -238,6 +256,8 @@ class Trainer:
             "rng": rng,
             "recipe": dataclasses.asdict(recipe_of_model(self.model)),
             "best": self.best,
+            "evaluations_without_improvement": self.evaluations_without_improvement,
+            "stopped_early": self.stopped_early,
             "history": self.history,
             **self.extra_state,
         }
@@ -266,6 +286,8 @@ class Trainer:
                 self.ema.module.load_state_dict(checkpoint["model"])
         self.epoch, self.epoch_step, self.step = checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["step"]
         self.best, self.history = checkpoint.get("best"), list(checkpoint.get("history", []))
+        self.evaluations_without_improvement = int(checkpoint.get("evaluations_without_improvement", 0))
+        self.stopped_early = bool(checkpoint.get("stopped_early", False))
         world, batch = distributed.get_world_size(), self.batch_size
         if (checkpoint.get("world_size", world), checkpoint.get("batch_size", batch)) != (world, batch):
             self._continue_with_another_layout(checkpoint, path)
@@ -315,8 +337,9 @@ class Trainer:
         """Train from the current state to the last epoch, or until ``max_steps`` or a signal;
         returns the last evaluation's COCO stats (main process; None elsewhere or when stopped early)."""
         settings = self.settings
-        if self.epoch >= settings.epochs:
-            logger.info("the run already finished its %d epochs", settings.epochs)
+        if self.epoch >= settings.epochs or self.stopped_early:
+            logger.info("the run already finished (%s)", f"stopped early after epoch {self.epoch - 1}" if self.stopped_early
+                        else f"its {settings.epochs} epochs")
             return self.last_stats()
         with StopRequest() as stop:
             while self.epoch < settings.epochs:
@@ -327,14 +350,37 @@ class Trainer:
                 self.epoch += 1
                 self.epoch_step = 0
                 stats = self.evaluate() if self._evaluation_due() else None
-                is_best = stats is not None and (self.best is None or stats["AP"] > self.best)
-                if is_best:
-                    self.best = stats["AP"]
+                is_best = self._record(stats)
                 self.save(finished_epoch=True, is_best=is_best)
+                if self.stopped_early:
+                    return self.last_stats()
                 if self.epoch < settings.epochs and (self._max_steps_reached() or stop.agreed(self.device)):
                     self._log_stop()
                     return None
         return self.last_stats()
+
+    def _record(self, stats: Optional[Dict[str, float]]) -> bool:
+        """Account an evaluation's ``stats`` (None: no evaluation): whether they are the best so far,
+        and whether early stopping ends the run (``stopped_early``, logged with why)."""
+        if stats is None:
+            return False
+        settings, value = self.settings, stats[self.settings.metric]
+        is_best = self.best is None or value > self.best
+        improved = self.best is None or value > self.best + settings.early_stopping_min_delta
+        self.evaluations_without_improvement = 0 if improved else self.evaluations_without_improvement + 1
+        best_before = self.best
+        if is_best:
+            self.best = value
+        patience = settings.early_stopping_patience
+        if patience is not None and self.evaluations_without_improvement >= patience and self.epoch < settings.epochs:
+            self.stopped_early = True
+            logger.info(
+                "early stopping after epoch %d: %s has not improved on its best, %.4f, by more than %g in %d evaluation(s) "
+                "(trainer.early_stopping_patience=%d); checkpoint_best.pth holds the best %s", self.epoch - 1, settings.metric,
+                best_before, settings.early_stopping_min_delta, self.evaluations_without_improvement, patience,
+                "EMA weights" if self.ema is not None else "weights",
+            )
+        return is_best
 
     def _max_steps_reached(self) -> bool:
         return self.settings.max_steps is not None and self.step >= self.settings.max_steps
@@ -460,12 +506,16 @@ class Trainer:
         boxes = result["boxes"][keep] * torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
         truth = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h])  # targets: cxcywh fractions
         names = {c["id"]: c["name"] for c in self.val_coco.loadCats(self.val_coco.getCatIds())}
+        # targets carry the model's logit indices, predictions category ids
+        layout = getattr(self.val_loader.dataset, "layout", None)
+        truth_labels = layout.ids_of(target["labels"]) if layout is not None else target["labels"]
         drawn = draw_detections(picture, boxes, result["labels"][keep], result["scores"][keep], names,
-                                gt_boxes=truth, gt_labels=target["labels"])
+                                gt_boxes=truth, gt_labels=truth_labels)
         self.writer.add_image(f"val/predictions_{index}", drawn, self.step)
         if index == 0:
             model = self.ema.module if self.ema is not None else self.model
-            self.writer.add_image("val/sampling_points_0", sampling_snapshot(model, image, mask, names=names), self.step)
+            logit_names = names if layout is None else {layout.logit_index(i): n for i, n in names.items() if layout.logit_index(i) is not None}
+            self.writer.add_image("val/sampling_points_0", sampling_snapshot(model, image, mask, names=logit_names), self.step)
 
     def _describe_images(self, image_ids: List[int]) -> str:
         coco = getattr(self.train_loader.dataset, "coco", None)

@@ -21,6 +21,7 @@ from ..data.coco_categories import COCO_CATEGORIES
 from ..data.settings import built_in_categories
 from ..data.transforms import EVAL_MAX_SIZE, EVAL_SIZE
 from ..errors import CheckpointError, ConfigError
+from ..utils.category_layout import CategoryLayout
 from ..models.weights import (
     OFFICIAL_EXPERIMENTS,
     LoadReport,
@@ -55,6 +56,11 @@ class CheckpointRecipe:
     categories: Optional[List[Dict[str, Any]]]
     epoch: Optional[int] = None
     step: Optional[int] = None
+
+    @property
+    def layout(self) -> CategoryLayout:
+        """Which logit is which category (recorded by training; by id for official files)."""
+        return CategoryLayout.from_dict(self.checkpoint.get("category_layout"), self.num_classes)
 
     def build_model(self, device="cpu") -> Tuple[torch.nn.Module, LoadReport]:
         """The model with the checkpoint's weights, in eval mode on ``device``, and what loading did."""
@@ -171,3 +177,29 @@ def categories_of(checkpoint: Mapping[str, Any], saved: Optional[Mapping[str, An
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("could not read the categories of %s (%s)", annotations, error)
     return None
+
+
+def class_rows_by_name(checkpoint: Mapping[str, Any], categories: Optional[List[Dict[str, Any]]],
+                       layout: CategoryLayout, path: str = "", key: str = "init_weights") -> Optional[List[Tuple[int, int]]]:
+    """[(checkpoint logit, model logit)] for fine-tuning a model of ``categories`` (in ``layout``) from
+    ``checkpoint``: a category whose name (case and spacing aside) the checkpoint also has starts
+    from its rows. None when the two have the same categories in the same logits (load as is) or
+    when either does not name its categories (nothing to match)."""
+    source = categories_of(checkpoint, checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else None)
+    if source is None or categories is None:
+        return None
+    source_layout = CategoryLayout.from_dict(checkpoint.get("category_layout"), num_classes_of(checkpoint, path, key))
+    if source_layout == layout and {(c["id"], c["name"]) for c in source} == {(c["id"], c["name"]) for c in categories}:
+        return None
+
+    def normalized(name) -> str:
+        return " ".join(str(name).lower().split())
+
+    source_logits = {normalized(c["name"]): source_layout.logit_index(c["id"]) for c in source}
+    rows = []
+    for category in categories:
+        source_logit, target_logit = source_logits.get(normalized(category["name"])), layout.logit_index(category["id"])
+        if source_logit is not None and target_logit is not None:
+            rows.append((source_logit, target_logit))
+    return rows
+

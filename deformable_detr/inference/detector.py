@@ -24,6 +24,7 @@ from ..engine.precision import autocast
 from ..errors import ConfigError
 from ..models.category_mask import keep_categories
 from ..models.postprocess import PostProcess
+from ..utils.category_layout import CategoryLayout
 from ..utils.devices import resolve_device
 from .checkpoint_recipe import CheckpointRecipe, read_recipe
 from .images import as_rgb_image
@@ -83,13 +84,14 @@ class Detector:
         restrict_to_categories: rank only the ``categories``' logits (True), or every logit as the
             official code does (False).
         name: the recipe, for messages. checkpoint: the recipe it was read from, if any.
+        layout: which logit is which category (default: the logit index is the category id).
     """
 
     def __init__(self, model: torch.nn.Module, categories: Optional[Sequence[Dict[str, Any]]] = None, *,
                  eval_size: int = EVAL_SIZE, eval_max_size: int = EVAL_MAX_SIZE, device="auto",
                  precision: Union[None, str, torch.dtype] = None, num_select: int = 100,
                  restrict_to_categories: bool = True, name: str = "model",
-                 checkpoint: Optional[CheckpointRecipe] = None):
+                 checkpoint: Optional[CheckpointRecipe] = None, layout: Optional[CategoryLayout] = None):
         if num_select < 1:
             raise ConfigError(f"num_select={num_select} must be at least 1")
         self.device = resolve_device(device)
@@ -102,6 +104,7 @@ class Detector:
         self.restrict_to_categories = restrict_to_categories and self.categories is not None
         self.name = name
         self.checkpoint = checkpoint
+        self.layout = layout or CategoryLayout(getattr(model, "num_classes", 0) or 0)
         self._forward_model = self.model
 
     @classmethod
@@ -132,7 +135,7 @@ class Detector:
         detector = cls(model, recipe.categories, eval_size=eval_size or recipe.eval_size,
                        eval_max_size=eval_max_size or recipe.eval_max_size, device=device, precision=precision,
                        num_select=num_select, restrict_to_categories=restrict_to_categories, name=recipe.name,
-                       checkpoint=recipe)
+                       checkpoint=recipe, layout=recipe.layout)
         return detector.compile() if compile else detector
 
     # ------------------------------------------------------------------ properties
@@ -178,7 +181,7 @@ class Detector:
             outputs = self._forward_model(batch.to(self.device), masks.to(self.device))
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         if self.restrict_to_categories:
-            logits = keep_categories(logits, self.category_ids)
+            logits = keep_categories(logits, self.layout.logit_indices(self.category_ids))
         return {"pred_logits": logits, "pred_boxes": boxes}
 
     def postprocess(self, outputs: Dict[str, torch.Tensor], sizes: torch.Tensor, score_threshold: float = 0.3,
@@ -188,7 +191,8 @@ class Detector:
         top_k = self.num_select if top_k is None else int(top_k)
         if top_k < 1:
             raise ConfigError(f"top_k={top_k} must be at least 1")
-        select = PostProcess(top_k, self.restrict_to_categories, self.category_ids if self.restrict_to_categories else None)
+        select = PostProcess(top_k, self.restrict_to_categories, self.category_ids if self.restrict_to_categories else None,
+                             logit_ids=self.layout.logit_ids)
         names = self.names
         results = []
         for size, result in zip(sizes.tolist(), select(outputs, sizes.to(outputs["pred_boxes"].device))):

@@ -26,13 +26,17 @@ class PostProcess(nn.Module):
             official selection over every logit (bit-for-bit parity with the official code).
         category_ids: the dataset's category ids (e.g. ``sorted(coco.getCatIds())``); can also
             be given later with ``set_category_ids``.
+        logit_ids: the category id of each logit when they are not the logit indices (a head of
+            one logit per category, see ``utils.category_layout``); None: index = id.
     """
 
-    def __init__(self, num_select: int = 100, restrict_to_dataset_categories: bool = True, category_ids: Optional[Iterable[int]] = None):
+    def __init__(self, num_select: int = 100, restrict_to_dataset_categories: bool = True, category_ids: Optional[Iterable[int]] = None,
+                 logit_ids: Optional[Iterable[int]] = None):
         super().__init__()
         self.num_select = num_select
         self.restrict_to_dataset_categories = restrict_to_dataset_categories
         self.category_ids: Optional[List[int]] = None
+        self.logit_ids: Optional[List[int]] = [int(i) for i in logit_ids] if logit_ids is not None else None
         self._warned_unrestricted = False
         if category_ids is not None:
             self.set_category_ids(category_ids)
@@ -61,8 +65,13 @@ class PostProcess(nn.Module):
                     "pass category_ids= to PostProcess (or set postprocess.restrict_to_dataset_categories=false to silence this)"
                 )
             return None
-        # ids beyond the classifier cannot be predicted (the caller warns about such a model)
-        return torch.tensor([i for i in self.category_ids if i < num_classes], dtype=torch.int64, device=device)
+        # ids the classifier has no logit for cannot be predicted (the caller warns about such a model)
+        if self.logit_ids is None:
+            columns = [i for i in self.category_ids if i < num_classes]
+        else:
+            wanted = set(self.category_ids)
+            columns = [k for k, i in enumerate(self.logit_ids[:num_classes]) if i in wanted]
+        return torch.tensor(columns, dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def forward(self, outputs: Dict[str, torch.Tensor], target_sizes: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
@@ -71,8 +80,8 @@ class PostProcess(nn.Module):
             outputs: ``pred_logits`` (B, Q, K), ``pred_boxes`` (B, Q, 4) cxcywh in [0, 1].
             target_sizes: (B, 2) (h, w) to scale to: the original image size for evaluation.
         Returns:
-            per image ``scores`` (k,), ``labels`` (k,) class indices (= category ids, only the
-            dataset's when restricted), ``boxes`` (k, 4) xyxy in pixels; k = min(num_select, Q * C)
+            per image ``scores`` (k,), ``labels`` (k,) category ids (only the dataset's when
+            restricted), ``boxes`` (k, 4) xyxy in pixels; k = min(num_select, Q * C)
             with C the classes chosen from (K, or the dataset's ids).
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
@@ -90,6 +99,8 @@ class PostProcess(nn.Module):
         labels = index % c
         if allowed is not None:
             labels = allowed[labels]
+        if self.logit_ids is not None:
+            labels = torch.tensor(self.logit_ids, dtype=torch.int64, device=labels.device)[labels]
         boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query.unsqueeze(-1).repeat(1, 1, 4))
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 import pickle
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -188,13 +188,16 @@ def recipe_of_model(model) -> Recipe:
 
 
 def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: Optional[Mapping[str, Any]] = None,
-                 key: str = "checkpoint") -> LoadReport:
+                 key: str = "checkpoint", class_rows: Optional[List[Tuple[int, int]]] = None) -> LoadReport:
     """Load the weights of ``path`` (official release file or this framework's checkpoint) into ``model``.
 
     The checkpoint must be of the model's recipe. Only the number of classes may differ, and only
     with ``allow_new_classes`` (fine-tuning on another dataset): the class heads then keep their
-    fresh initialization and the report says so. Anything else raises a ValueError naming the
-    mismatch and the experiment the checkpoint fits; nothing is ever partially loaded in silence.
+    fresh initialization and the report says so. ``class_rows`` [(checkpoint logit, model logit)]
+    (fine-tuning into other categories, matched by name) re-initializes the class heads whatever
+    their shapes and copies those rows of every class head. Anything else raises a ValueError
+    naming the mismatch and the experiment the checkpoint fits; nothing is ever partially loaded
+    in silence.
     """
     checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path, key)
     official = is_official(checkpoint)
@@ -234,19 +237,28 @@ def load_weights(model, path: str, allow_new_classes: bool = True, checkpoint: O
     if other:
         detail = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(model_state[k].shape)}" for k in other[:5])
         raise CheckpointError(f"{key}={path} has tensors of other shapes than the model: {detail}")
+    if class_rows is not None:
+        class_keys = sorted(k for k in state if k.startswith("class_embed."))
     if class_keys:
         if not allow_new_classes:
             raise CheckpointError(
                 f"{key}={path} predicts {found.num_classes} classes but the model {wanted.num_classes}; "
                 "set the model's num_classes to match the checkpoint (COCO: 91)"
             )
-        for k in class_keys:
-            del state[k]
+        heads = {k: state.pop(k) for k in class_keys}
         reinitialized = class_keys
-        messages.append(
-            f"checkpoint has {found.num_classes} classes and the model {wanted.num_classes}: "
-            f"the class heads (class_embed.*) keep their fresh initialization for fine-tuning; all else is loaded"
-        )
+        if class_rows is not None:
+            if class_rows:
+                _copy_class_rows(model, heads, class_rows)
+            messages.append(
+                f"the class heads (class_embed.*) are re-initialized for the dataset's categories, {len(class_rows)} of "
+                f"them copied from the checkpoint's categories of the same name; all else is loaded"
+            )
+        else:
+            messages.append(
+                f"checkpoint has {found.num_classes} classes and the model {wanted.num_classes}: "
+                f"the class heads (class_embed.*) keep their fresh initialization for fine-tuning; all else is loaded"
+            )
     result = model.load_state_dict(state, strict=not class_keys)
     leftover = [k for k in result.missing_keys if k not in reinitialized] + list(result.unexpected_keys)
     if leftover:
@@ -274,3 +286,16 @@ def _preview(keys: List[str], limit: int = 6) -> str:
         return "none"
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def _copy_class_rows(model, heads: Mapping[str, torch.Tensor], rows: List[Tuple[int, int]]) -> None:
+    """Row ``source`` of each checkpoint class-head tensor (weight (K, C), bias (K,)) into row
+    ``target`` of the model's same tensor; the model's other rows keep their initialization."""
+    own = model.state_dict()
+    sources = torch.tensor([s for s, _ in rows])
+    targets = torch.tensor([t for _, t in rows])
+    with torch.no_grad():
+        for key, tensor in heads.items():
+            if key in own and tensor.shape[1:] == own[key].shape[1:]:
+                own[key][targets] = tensor[sources].to(own[key].dtype)
+
