@@ -66,7 +66,7 @@ def test_an_unknown_experiment_names_the_nearest_and_lists_them(capsys):
 
 def test_an_unknown_group_option(capsys):
     line = error_line("train", capsys, "dataset=cocoo")
-    assert line == "error: dataset=cocoo is not a dataset config; did you mean dataset=coco? (dataset options: coco, synthetic)"
+    assert line == "error: dataset=cocoo is not a dataset config; did you mean dataset=coco? (dataset options: coco, synthetic, yolo)"
 
 
 @pytest.mark.parametrize("tool, override, expected", [

@@ -195,6 +195,7 @@ def test_progress_reports_the_whole_runs_remaining_time_and_draws_a_bar(caplog, 
     # the first step at once, then every log_every steps
     assert len(lines) == 3 and lines[0].startswith("[epoch 1] 1/4 eta 0:00:03 (run 0:05:")
     assert lines[1].startswith("[epoch 1] 2/4 eta 0:00:02 (run 0:05:")
+    assert " img/s max_mem " in lines[1] and " MiB loss 2 " in lines[1]
     # 14 steps of the run left at about a second each, plus 3 evaluations of 100 s
     assert lines[2].startswith("[epoch 1] 4/4 eta 0:00:00 (run 0:05:1")
     assert averages["loss"] == 2.0 and "epoch 1: 100%" in capsys.readouterr().err

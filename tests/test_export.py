@@ -1,6 +1,7 @@
 """Export of the detector: torch.export with dynamic batch and image size, ONNX through tools/export.py,
 the check that catches a changed export, and the shape logic that makes tracing possible."""
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -10,28 +11,36 @@ import torch
 
 from cli import compose_config, run_tool
 from deformable_detr.cli.checks import check_config
+from deformable_detr.cli.export import accepts, other_shape_batch
 from deformable_detr.cli.schema import ExportConfig
+from deformable_detr.data.synthetic_shapes import SHAPE_CATEGORIES
 from deformable_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from deformable_detr.export import (
     Detections,
     ExportableDetector,
+    export_metadata,
     export_program,
     input_ranges,
     load_program,
     match_detections,
+    read_metadata,
     save_program,
     top_detections,
 )
+from deformable_detr.export.metadata import logit_categories
 from deformable_detr.export.verification import verify
 from deformable_detr.models import DeformableTransformer
 from deformable_detr.models.encoder import DeformableEncoder
 from deformable_detr.models.weights import OFFICIAL_EXPERIMENTS, recipe_of_model
+from deformable_detr.utils.category_layout import CategoryLayout
 from deformable_detr_ops import library_loaded, ms_deform_attn_reference
 from deformable_detr_ops.testing import make_inputs
 from hydra.utils import instantiate
-from model_builders import tiny_model
+from omegaconf import OmegaConf
+from model_builders import official_model, tiny_model
 
 needs_op = pytest.mark.skipif(not library_loaded(), reason="export needs the compiled op")
+SYNTHETIC_CATEGORIES = [{"id": i, "name": name} for i, name in SHAPE_CATEGORIES]
 
 
 # ---------------------------------------------------------------- shape logic (eager, padded batches)
@@ -147,6 +156,37 @@ def test_torch_export_with_dynamic_batch_and_size_matches_eager(levels, refine, 
             assert torch.allclose(boxes, expected["pred_boxes"], atol=1e-5, rtol=0)
 
 
+@needs_op
+def test_a_batch_of_one_small_image_traces_a_program_of_any_batch_and_size():
+    torch.manual_seed(0)
+    detector = ExportableDetector(tiny_model(levels=4)).eval()
+    # one image, 64 px high: a batch of one and a last feature map (stride 64) one pixel high, both of
+    # which torch.export would specialize
+    program = export_program(detector, torch.randn(1, 3, 64, 90))
+    assert input_ranges(program) == {"batch": (1, None), "channels": (3, 3), "height": (65, None), "width": (65, None)}
+    assert program.example_inputs[0][0].shape[0] == 2
+    module = program.module()
+    with torch.no_grad():
+        for shape in [(1, 3, 72, 90), (3, 3, 130, 70)]:
+            images = torch.randn(shape)
+            for exported, expected in zip(module(images), detector(images)):
+                torch.testing.assert_close(exported, expected, atol=1e-5, rtol=0)
+
+
+@needs_op
+@pytest.mark.parametrize("experiment", OFFICIAL_EXPERIMENTS)
+def test_official_recipes_trace_from_a_batch_of_one(experiment):
+    torch.manual_seed(0)
+    detector = ExportableDetector(official_model(experiment)).eval()
+    program = export_program(detector, torch.randn(1, 3, 160, 192))
+    ranges = input_ranges(program)
+    assert ranges["batch"] == (1, None) and ranges["height"][1] is None and ranges["width"][1] is None
+    images = torch.randn(2, 3, 192, 160)
+    with torch.no_grad():
+        for exported, expected in zip(program.module()(images), detector(images)):
+            torch.testing.assert_close(exported, expected, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- ONNX
 @needs_op
 def test_op_translation_runs_in_onnxruntime_with_other_sizes(tmp_path):
@@ -177,10 +217,11 @@ def test_op_translation_runs_in_onnxruntime_with_other_sizes(tmp_path):
 
 
 def write_images(directory):
-    """Three images: two of one size (checked as a batch of 2) and one of another (a batch of 1)."""
+    """Four images of three sizes: the first alone (the batch traced holds one image), then two of one
+    size (a batch of 2), then one upright (a batch of 1)."""
     directory.mkdir()
     generator = np.random.default_rng(0)
-    for name, (w, h) in (("a.png", (120, 90)), ("b.png", (120, 90)), ("c.png", (100, 100))):
+    for name, (w, h) in (("a.png", (100, 100)), ("b.png", (120, 90)), ("c.png", (120, 90)), ("d.png", (90, 120))):
         pixels = generator.integers(0, 256, (h, w, 3), dtype=np.uint8)
         pixels[20:60, 30:80] = (220, 40, 40)  # an object-like block
         PIL.Image.fromarray(pixels).save(directory / name)
@@ -214,8 +255,9 @@ def test_small_recipe_round_trips_in_onnxruntime(small_onnx):
     result, path, _, _ = small_onnx
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert path.is_file()
-    assert "onnxruntime vs PyTorch on 3 images" in result.stdout
-    assert "matched 300/300 (100.00%)" in result.stdout
+    assert "onnxruntime vs PyTorch on 4 images" in result.stdout
+    assert "matched 400/400 (100.00%)" in result.stdout
+    assert "onnxruntime vs PyTorch at a shape not traced, (3, 3," in result.stdout
     assert "latency on one" in result.stdout and "export verified" in result.stdout
     assert foreign_operators(str(path)) == [] and onnx_opset(str(path)) == 18
     model = onnx.load(str(path))
@@ -233,7 +275,7 @@ def test_a_changed_export_fails_the_check(small_onnx):
     result, path, model, images = small_onnx
     assert result.returncode == 0, result.stderr[-3000:]
     transforms = make_eval_transforms(176, 288)
-    batch = torch.stack([transforms(read_image(p), None, random.Random(0))[0] for p in list_image_files(str(images))[:2]])
+    batch = torch.stack([transforms(read_image(p), None, random.Random(0))[0] for p in list_image_files(str(images))[1:3]])
     exported = OnnxRunner(str(path))
     detector = ExportableDetector(model).eval()
     assert verify(detector, exported, [batch]).passed(0.99)
@@ -248,6 +290,81 @@ def test_a_changed_export_fails_the_check(small_onnx):
         model.class_embed[-1].weight.add_(torch.randn_like(model.class_embed[-1].weight) * 0.05)
     perturbed = verify(detector, exported, [batch])
     assert not perturbed.passed(0.99)
+
+
+@pytest.fixture(scope="module")
+def default_recipe_program(tmp_path_factory):
+    """tools/export.py format=torch on a checkpoint of the default recipe saved as training saves it (random
+    weights), checked on its own sample images: the first 4 val images of its synthetic set, each a batch of one."""
+    root = tmp_path_factory.mktemp("export_default")
+    cfg = compose_config("train", [f"dataset.root={root / 'synthetic'}"])
+    layout = CategoryLayout.for_category_ids(c["id"] for c in SYNTHETIC_CATEGORIES)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, num_classes=layout.num_logits)
+    checkpoint = root / "checkpoint_best.pth"
+    torch.save({"model": model.state_dict(), "recipe": dataclasses.asdict(recipe_of_model(model)), "config": OmegaConf.to_container(cfg, resolve=True),
+                "num_classes": layout.num_logits, "categories": SYNTHETIC_CATEGORIES, "category_layout": layout.to_dict()}, checkpoint)
+    run = root / "run"
+    result = run_tool("export", f"checkpoint={checkpoint}", "format=torch", "latency_runs=0", f"hydra.run.dir={run}")
+    return result, run / "model.pt2"
+
+
+@needs_op
+def test_the_default_recipe_exports_from_its_own_sample_images(default_recipe_program):
+    result, path = default_recipe_program
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "torch.export vs PyTorch on 4 images" in result.stdout and "matched 400/400 (100.00%)" in result.stdout
+    assert "torch.export vs PyTorch at a shape not traced, (3, 3," in result.stdout and "not checked" not in result.stdout
+    log = (path.parent / "export.log").read_text()
+    assert "tracing with torch.export on the first sample batch, (1, 3," in log and "traced a (2, 3," in log
+    metadata = read_metadata(str(path))
+    assert metadata["recipe"] == "small" and metadata["format_version"] == "1"
+    assert metadata["categories"] == [dict(c, logit=c["id"]) for c in SYNTHETIC_CATEGORIES]
+    assert metadata["resize"] == {"shorter_side": 176, "max_size": 288, "interpolation": "bilinear"}
+    assert metadata["mean"] == list(IMAGENET_MEAN) and metadata["std"] == list(IMAGENET_STD) and metadata["top_k"] == 100
+    assert "before the sigmoid" in metadata["outputs"] and "(cx, cy, w, h)" in metadata["outputs"]
+
+
+@needs_op
+def test_the_onnx_file_describes_itself(small_onnx):
+    import onnx
+
+    result, path, _, _ = small_onnx
+    assert result.returncode == 0, result.stderr[-3000:]
+    props = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+    # the checkpoint names no categories: every logit is ranked, named by its index
+    categories = [{"id": k, "name": str(k), "logit": k} for k in range(7)]
+    assert props == export_metadata("small", categories, 176, 288, 100)
+    metadata = read_metadata(str(path))
+    assert metadata["categories"] == categories and metadata["resize"]["shorter_side"] == 176
+    assert set(metadata) == {"format_version", "recipe", "input", "resize", "mean", "std", "categories", "top_k", "outputs"}
+
+
+def test_metadata_categories_follow_the_logits():
+    categories = [{"id": 1042, "name": "c"}, {"id": 3, "name": "a"}, {"id": 17, "name": "b"}]
+    sparse = CategoryLayout(3, (3, 17, 1042))
+    assert logit_categories(categories, sparse) == [
+        {"id": 3, "name": "a", "logit": 0}, {"id": 17, "name": "b", "logit": 1}, {"id": 1042, "name": "c", "logit": 2}]
+    by_id = CategoryLayout(4)
+    assert logit_categories([{"id": 3, "name": "a"}, {"id": 1, "name": "b"}], by_id) == [
+        {"id": 1, "name": "b", "logit": 1}, {"id": 3, "name": "a", "logit": 3}]
+    # unknown categories, or no restriction to them: every logit, named where a category names it
+    assert logit_categories(None, by_id) == [{"id": k, "name": str(k), "logit": k} for k in range(4)]
+    assert [c["name"] for c in logit_categories([{"id": 3, "name": "a"}], by_id, restrict=False)] == ["0", "1", "2", "a"]
+    texts = export_metadata("run", logit_categories(categories, sparse), 800, 1333)
+    assert all(isinstance(text, str) for text in texts.values())
+    assert json.loads(texts["categories"])[2] == {"id": 1042, "name": "c", "logit": 2}
+    assert json.loads(texts["resize"]) == {"shorter_side": 800, "max_size": 1333, "interpolation": "bilinear"}
+
+
+def test_the_untraced_batch_differs_from_the_traced_one_in_every_dynamic_size():
+    images = [torch.randn(3, 176, 234), torch.randn(3, 176, 176)]
+    ranges = {"batch": (1, None), "channels": (3, 3), "height": (65, None), "width": (65, None)}
+    batch = other_shape_batch(images, (2, 3, 176, 234), ranges)
+    assert batch.shape == (3, 3, 132, 175) and torch.equal(batch[2], batch[0])
+    # never below the smallest size the program accepts, and never the traced size
+    assert other_shape_batch(images, (1, 3, 65, 80), ranges).shape == (2, 3, 81, 65)
+    assert accepts(ranges, (1, 3, 65, 300)) and not accepts(ranges, (1, 3, 64, 300))
 
 
 @pytest.mark.parametrize("experiment", ["small", *OFFICIAL_EXPERIMENTS])

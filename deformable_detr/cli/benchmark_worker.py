@@ -157,6 +157,8 @@ def measure_speed(spec: Dict) -> Dict:
     return {
         "images_per_second": spec["batch"] / median,
         "seconds_per_iteration": median,
+        "seconds_min": min(seconds),
+        "seconds_max": max(seconds),
         "iteration_seconds": seconds,
         "first_iteration_seconds": warmup[0] if warmup else None,
         "peak_memory_mb": _peak_mib(session.device),

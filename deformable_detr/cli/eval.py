@@ -72,6 +72,7 @@ TOOL = Tool(
     required=("checkpoint",),
     keys=(
         ("dataset=coco dataset.root=DIR", "a COCO-format dataset (DIR/val2017, DIR/annotations/instances_val2017.json)"),
+        ("dataset=yolo dataset.root=DIR", "a YOLO-format dataset (DIR/data.yaml, DIR/images/val, DIR/labels/val)"),
         ("dataset.eval_batch_size=N", "images per process and step"),
         ("postprocess.num_select=N", "detections kept per image (100)"),
         ("postprocess.restrict_to_dataset_categories=false", "the official top-k over every logit"),

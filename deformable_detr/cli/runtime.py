@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .. import recipes
-from ..data import CocoDetection, ShardedSampler, build_coco_dataset, collate
+from ..data import CocoDetection, ShardedSampler, build_coco_dataset, build_yolo_dataset, coco_split_paths, collate
 from ..data.settings import DatasetSettings
+from ..data.yolo_layout import looks_like_yolo
 from ..errors import ConfigError, MissingFileError, UserError
 from ..utils import devices, distributed
 from ..utils.category_layout import CategoryLayout
@@ -81,6 +82,9 @@ def dataset_root(node) -> Optional[str]:
     """``dataset.root`` with ``~`` expanded; for the synthetic set, generated first if needed."""
     data = dataset_settings(node)
     if not data.root:
+        if data.kind == "yolo":
+            raise ConfigError("dataset.root is required: dataset=yolo dataset.root=DIR with DIR/data.yaml (names: [...]), "
+                              "DIR/images/{train,val}/ and DIR/labels/{train,val}/ (or dataset.root=DIR/data.yaml)")
         if data.val_images and data.val_annotations:
             return None
         raise ConfigError(
@@ -93,9 +97,12 @@ def dataset_root(node) -> Optional[str]:
 
 
 def build_dataset(node, split: str, root: Optional[str], seed: int) -> CocoDetection:
-    """The ``split`` ("train"/"val") dataset of the ``dataset`` config node."""
+    """The ``split`` ("train"/"val") dataset of the ``dataset`` config node; a YOLO folder read as
+    COCO-format data (see ``deformable_detr.data.yolo``)."""
     data = dataset_settings(node)
     transforms = data.train_transforms.build() if split == "train" else data.eval_transforms.build()
+    if data.kind == "yolo":
+        return build_yolo_dataset(root, split, transforms, seed=seed, skip_unreadable=data.skip_unreadable, context="dataset.root")
     images, annotations = getattr(data, f"{split}_images"), getattr(data, f"{split}_annotations")
     if images or annotations:
         default_images = os.path.join(root, f"{split}2017") if root else None
@@ -104,6 +111,9 @@ def build_dataset(node, split: str, root: Optional[str], seed: int) -> CocoDetec
         if not images or not annotations:
             raise ConfigError(f"set both dataset.{split}_images and dataset.{split}_annotations (or dataset.root)")
         return CocoDetection(images, annotations, transforms, seed=seed, skip_unreadable=data.skip_unreadable, context=f"dataset.{split}_images")
+    if data.kind == "coco" and not os.path.isfile(coco_split_paths(root, split)[1]) and looks_like_yolo(root):
+        # said before the COCO layout's "no annotations/..." to a user who forgot dataset=yolo
+        raise ConfigError(f"dataset.root={root} is a YOLO-format dataset (data.yaml, images/, labels/), not COCO: add dataset=yolo")
     return build_coco_dataset(root, split, transforms, seed=seed, skip_unreadable=data.skip_unreadable, context="dataset.root")
 
 

@@ -118,7 +118,7 @@ class BenchmarkConfig(RecipeConfig):
     image_size: Optional[List[int]] = None
     measure: List[str] = field(default_factory=lambda: ["params", "flops", "inference", "training"])
     precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
-    compile: List[bool] = field(default_factory=lambda: [False, True])
+    compile: List[bool] = field(default_factory=lambda: [False])
     inference_batch_sizes: List[int] = field(default_factory=lambda: [1, 4])
     training_batch_size: int = 2
     warmup: int = 1

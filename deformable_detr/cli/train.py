@@ -153,6 +153,7 @@ TOOL = Tool(
     run=train,
     keys=(
         ("dataset=coco dataset.root=DIR", "a COCO-format dataset (DIR/{train2017,val2017}, DIR/annotations/)"),
+        ("dataset=yolo dataset.root=DIR", "a YOLO-format dataset (DIR/data.yaml, DIR/images/{train,val}, DIR/labels/{train,val})"),
         ("dataset.batch_size=N", "images per process and step (dataset.eval_batch_size for evaluation)"),
         ("trainer.epochs=N", "epochs in total (schedule.milestones=[..] where the rate drops)"),
         ("trainer.amp=null|bf16|fp16|auto", "mixed precision"),

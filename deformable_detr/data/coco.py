@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import PIL.Image
 import PIL.ImageOps
 import torch
+from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ..errors import DataError, MissingFileError
@@ -17,7 +18,7 @@ from .coco_annotations import coco_target, load_coco_annotations, num_classes_of
 from .skip_counter import SkipCounter
 from .transforms import predicts_size
 
-__all__ = ["UnreadableImageError", "ImageSizeMismatchError", "CocoDetection", "coco_split_paths", "build_coco_dataset"]
+__all__ = ["UnreadableImageError", "ImageSizeMismatchError", "CocoDetection", "coco_split_paths", "build_coco_dataset", "displayed_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class CocoDetection(Dataset):
     Items are ordered by ascending image id. ``num_classes`` is the largest category id + 1;
     ``category_ids`` the sorted ids of the file's categories (what predictions may carry);
     ``layout`` (a ``CategoryLayout``, set by the trainer) maps target labels to logits.
+
+    ``coco``: annotations already indexed in memory (e.g. the COCO view of a YOLO folder, see
+    ``yolo_view``) instead of read from ``annotation_file``, which then only names their source.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class CocoDetection(Dataset):
         annotation_file: str,
         transforms: Callable,
         *,
+        coco: Optional[COCO] = None,
         seed: int = 0,
         skip_unreadable: bool = False,
         context: Optional[str] = None,
@@ -83,7 +88,7 @@ class CocoDetection(Dataset):
                 f"{prefix}image directory {self.image_dir} does not exist; "
                 f"point the dataset at the folder holding the images of {self.annotation_file}"
             )
-        self.coco = load_coco_annotations(self.annotation_file, context=context)
+        self.coco = coco if coco is not None else load_coco_annotations(self.annotation_file, context=context)
         self.ids = sorted(self.coco.imgs.keys())
         self.num_classes = num_classes_of(self.coco)
         self.category_ids = sorted(self.coco.cats)
@@ -144,14 +149,9 @@ class CocoDetection(Dataset):
         if info.get("width") and info.get("height"):
             return int(info["width"]), int(info["height"])
         try:
-            with PIL.Image.open(os.path.join(self.image_dir, info["file_name"])) as opened:
-                width, height = opened.size
-                # EXIF orientations 5-8 store the picture transposed (see _read_image)
-                if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-                    width, height = height, width
+            return displayed_size(os.path.join(self.image_dir, info["file_name"]))
         except Exception:  # noqa: BLE001 - reading it for real reports the problem
             return None
-        return width, height
 
     def image_path(self, index: int) -> str:
         """Path of the image file of item ``index``."""
@@ -205,6 +205,17 @@ class CocoDetection(Dataset):
             "correct the image's width/height (and boxes) in the annotations or the image file, "
             "or enable skipping of unreadable images (dataset.skip_unreadable=true)"
         )
+
+
+def displayed_size(path: str) -> Tuple[int, int]:
+    """The (width, height) of the image file ``path`` as displayed (EXIF orientation applied),
+    read from its header without decoding the pixels; PIL's errors when it cannot be read."""
+    with PIL.Image.open(path) as opened:
+        width, height = opened.size
+        # EXIF orientations 5-8 store the picture transposed (see CocoDetection._read_image)
+        if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
 
 
 def coco_split_paths(root: str, split: str, year: str = "2017") -> Tuple[str, str]:

@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 
 from ..errors import DataError, MissingFileError
 
-__all__ = ["AnnotationFormatError", "load_coco_annotations", "coco_target", "num_classes_of"]
+__all__ = ["AnnotationFormatError", "coco_index", "load_coco_annotations", "coco_target", "num_classes_of"]
 
 
 class AnnotationFormatError(DataError):
@@ -46,16 +46,22 @@ def load_coco_annotations(annotation_file: str, context: Optional[str] = None) -
             "re-download or regenerate it"
         ) from error
     _validate(dataset, annotation_file, prefix)
-    coco = COCO()
-    coco.dataset = dataset
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # createIndex reports progress on stdout
-            coco.createIndex()
+        return coco_index(dataset)
     except (KeyError, TypeError) as error:
         raise AnnotationFormatError(
             f"{prefix}annotation file {annotation_file} could not be indexed ({error!r}); "
             "it is not in COCO format"
         ) from error
+
+
+def coco_index(dataset: dict) -> COCO:
+    """A pycocotools ``COCO`` index of a COCO-format dict (``images``, ``annotations``,
+    ``categories``) held in memory, without its prints."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex reports progress on stdout
+        coco.createIndex()
     return coco
 
 

@@ -21,6 +21,7 @@ from .transforms import (
     make_eval_transforms,
     make_train_transforms,
 )
+from .yolo_layout import YoloLayout
 
 
 @dataclasses.dataclass
@@ -52,11 +53,13 @@ class EvalTransformSettings:
 
 @dataclasses.dataclass
 class DatasetSettings:
-    """A COCO-format dataset (``kind="coco"``) or the built-in synthetic one (``kind="synthetic"``,
-    generated from ``synthetic`` into ``root``).
+    """A COCO-format dataset (``kind="coco"``), a YOLO-format one (``kind="yolo"``, read as COCO-format
+    data, see ``deformable_detr.data.yolo``) or the built-in synthetic one (``kind="synthetic"``, generated from
+    ``synthetic`` into ``root``).
 
     ``root`` holds the standard layout ``train2017/``, ``val2017/``, ``annotations/instances_{train,val}2017.json``;
-    ``train_images``/``train_annotations``/``val_images``/``val_annotations`` override its paths.
+    ``train_images``/``train_annotations``/``val_images``/``val_annotations`` override its paths. A YOLO
+    ``root`` holds ``data.yaml``, ``images/{train,val}/`` and ``labels/{train,val}/`` (or is the .yaml file).
     ``num_classes``: logits of the model (default: the largest category id + 1). ``batch_size``
     per process; ``skip_unreadable``: skip (and count) unreadable images instead of failing.
     ``size_group_window`` > 1: training batches images of similar augmented size, sorting every
@@ -90,6 +93,10 @@ class DatasetSettings:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"dataset.kind={self.kind} is not one of {', '.join(KINDS)}")
+        paths = [f"dataset.{split}_{part}" for split in ("train", "val") for part in ("images", "annotations") if getattr(self, f"{split}_{part}")]
+        if self.kind == "yolo" and paths:
+            raise ConfigError(f"{paths[0]} is for COCO-format data; with dataset=yolo, dataset.root's data.yaml (train:, val:) "
+                              "says where the images are: remove it")
         # built from a config, the nested settings arrive as plain dicts
         if isinstance(self.train_transforms, Mapping):
             self.train_transforms = TrainTransformSettings(**self.train_transforms)
@@ -105,21 +112,24 @@ class DatasetSettings:
 
     def default_num_classes(self) -> int:
         """The class count a model of this dataset gets without reading its annotations:
-        ``num_classes``, the built-in set's, or COCO's 91 logits."""
+        ``num_classes``, the built-in set's, a YOLO folder's names, or COCO's 91 logits."""
         if self.num_classes is not None:
             return int(self.num_classes)
-        categories = built_in_categories(self.kind)
+        categories = built_in_categories(self.kind, self.root)
         return max(c["id"] for c in categories) + 1 if categories else COCO_LOGITS
 
 
-KINDS = ("coco", "synthetic")
+KINDS = ("coco", "yolo", "synthetic")
 COCO_LOGITS = 91  # class index = COCO category id, 1..90, and the unused 0
 
 
-def built_in_categories(kind: Optional[str]) -> Optional[List[Dict[str, object]]]:
-    """The categories [{id, name}] a dataset of ``kind`` has by construction: the synthetic set's
-    shapes; None for a COCO-format dataset (its annotation file says)."""
+def built_in_categories(kind: Optional[str], root: Optional[str] = None) -> Optional[List[Dict[str, object]]]:
+    """The categories [{id, name}] a dataset of ``kind`` has without reading its annotations: the
+    synthetic set's shapes; a YOLO folder's data.yaml names at ``root`` (class k is id k; its
+    errors when unreadable); None for a COCO-format dataset (its annotation file says)."""
     if kind == "synthetic":
         return [{"id": i, "name": name} for i, name in SHAPE_CATEGORIES]
+    if kind == "yolo" and root:
+        return YoloLayout.read(str(root)).categories()
     return None
 

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from ..utils import distributed
+from ..utils.memory import peak_memory_mib
 from ..utils.metric_logger import ProgressMeter
 from .train_step import StepResult
 
@@ -25,14 +26,17 @@ class TrainingProgress:
     """Reports the steps of a run of ``total_steps`` steps (``steps_per_epoch`` per epoch).
 
     After the first step, every ``log_every`` steps and at an epoch's end the main process logs a line such as
-    ``[epoch 3] 120/200 eta 0:01:10 (run 0:12:40) 9.8 img/s loss 4.21 ...`` and writes the
+    ``[epoch 3] 120/200 eta 0:01:10 (run 0:12:40) 9.8 img/s max_mem 2,310 MiB loss 4.21 ...``
+    (``max_mem``: the peak memory so far, GPU memory allocated or the process's resident set) and writes the
     rank-averaged values to TensorBoard (``writer``). On a terminal a progress bar shows the same.
     The run's remaining time counts the remaining steps at the recent step time plus the
     evaluations still to come at the duration of the last one (``evaluation_seconds``).
     """
 
-    def __init__(self, total_steps: int, steps_per_epoch: int, *, log_every: int = 20, writer=None, bar: Optional[bool] = None):
+    def __init__(self, total_steps: int, steps_per_epoch: int, *, log_every: int = 20, writer=None, bar: Optional[bool] = None,
+                 device: Optional[torch.device] = None):
         self.total_steps, self.steps_per_epoch, self.log_every, self.writer = total_steps, steps_per_epoch, log_every, writer
+        self.device = device or torch.device("cpu")
         main = distributed.is_main_process()
         self.bar_enabled = main and (sys.stderr.isatty() if bar is None else bar)
         self.evaluation_seconds = 0.0
@@ -80,6 +84,7 @@ class TrainingProgress:
             for group in optimizer.param_groups:
                 self.writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
             self.writer.add_scalar("train/images_per_second", self.meter.images_per_second(), step)
+            self.writer.add_scalar("train/max_mem_mib", peak_memory_mib(self.device), step)
 
     def line(self, step: int, epoch_step: int) -> str:
         step_seconds = self.meter.step_time.average if self.meter.step_time.count else 0.0
@@ -87,7 +92,7 @@ class TrainingProgress:
         run_left = (self.total_steps - step) * step_seconds + self.remaining_evaluations * self.evaluation_seconds
         metrics = " ".join(f"{k} {self.meter.meters[k].median:.4g}" for k in LOGGED_KEYS if k in self.meter.meters)
         return (f"{self.meter.prefix} {epoch_step}/{self.steps_per_epoch} eta {_duration(epoch_left)} (run {_duration(run_left)}) "
-                f"{self.meter.images_per_second():.1f} img/s {metrics}")
+                f"{self.meter.images_per_second():.1f} img/s max_mem {peak_memory_mib(self.device):,.0f} MiB {metrics}")
 
     def end_epoch(self) -> Dict[str, float]:
         """The epoch's averages of every reported value."""

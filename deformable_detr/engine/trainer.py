@@ -237,7 +237,7 @@ class Trainer:
             describe_images=self._describe_images,
         )
         self.progress = TrainingProgress(settings.epochs * self.steps_per_epoch, self.steps_per_epoch,
-                                         log_every=settings.log_every, writer=writer)
+                                         log_every=settings.log_every, writer=writer, device=device)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:

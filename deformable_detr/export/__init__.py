@@ -6,6 +6,7 @@ only by the functions that use them.
 """
 from .detection_match import DetectionMatch, Detections, match_detections, top_detections
 from .exportable_detector import ExportableDetector
+from .metadata import detector_metadata, export_metadata, read_metadata
 from .program import ExportError, export_program, input_ranges, load_program, save_program
 
 __all__ = [
@@ -13,10 +14,13 @@ __all__ = [
     "Detections",
     "ExportError",
     "ExportableDetector",
+    "detector_metadata",
+    "export_metadata",
     "export_program",
     "input_ranges",
     "load_program",
     "match_detections",
+    "read_metadata",
     "save_program",
     "top_detections",
 ]

@@ -3,10 +3,10 @@
 The deformable attention op is translated to standard ONNX (``GridSample``, opset 18; see
 ``deformable_detr_ops.onnx_translation``), so onnxruntime needs no custom-op library.
 Contract of the model: input ``images`` float32 (N, 3, H, W), outputs ``logits`` (N, Q, K) and
-``boxes`` (N, Q, 4).
+``boxes`` (N, Q, 4); its ``metadata_props`` say how to pre- and post-process (``metadata``).
 """
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,8 +19,9 @@ INPUT_DIMENSIONS = ("batch", "channels", "height", "width")
 OUTPUT_NAMES = ["logits", "boxes"]
 
 
-def export_onnx(program: ExportedProgram, path: str) -> None:
-    """Writes ``program`` (images -> (logits, boxes)) to ``path`` as one self-contained ONNX file."""
+def export_onnx(program: ExportedProgram, path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Writes ``program`` (images -> (logits, boxes)) to ``path`` as one self-contained ONNX file, with
+    ``metadata`` {key: text} as its ``metadata_props``."""
     try:
         from deformable_detr_ops.onnx_translation import OPSET, translation_table
     except ImportError as error:
@@ -37,15 +38,17 @@ def export_onnx(program: ExportedProgram, path: str) -> None:
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx_program.save(path, external_data=False)
-    name_input_dimensions(path, INPUT_DIMENSIONS)
-
-
-def name_input_dimensions(path: str, names) -> None:
-    """Gives the symbolic dimensions of the first input of the ONNX file at ``path`` the ``names``
-    (e.g. torch.export's ``s34`` becomes ``batch``), wherever inputs, outputs and value infos use them."""
     import onnx
 
     model = onnx.load(path)
+    name_input_dimensions(model, INPUT_DIMENSIONS)
+    onnx.helper.set_model_props(model, dict(metadata or {}))
+    onnx.save(model, path)
+
+
+def name_input_dimensions(model, names) -> None:
+    """Gives the symbolic dimensions of the first input of the ONNX ``model`` (a ModelProto) the ``names``
+    (e.g. torch.export's ``s34`` becomes ``batch``), wherever inputs, outputs and value infos use them."""
     graph = model.graph
     dims = graph.input[0].type.tensor_type.shape.dim
     renames = {dim.dim_param: name for dim, name in zip(dims, names) if dim.dim_param}
@@ -53,7 +56,14 @@ def name_input_dimensions(path: str, names) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in renames:
                 dim.dim_param = renames[dim.dim_param]
-    onnx.save(model, path)
+
+
+def read_onnx_metadata(path: str) -> Dict[str, str]:
+    """The ``metadata_props`` {key: text} of the ONNX file at ``path``."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return {prop.key: prop.value for prop in model.metadata_props}
 
 
 def foreign_operators(path: str) -> List[str]:

@@ -20,7 +20,7 @@ from ..builder import instantiate
 from ..data.coco_categories import COCO_CATEGORIES
 from ..data.settings import built_in_categories
 from ..data.transforms import EVAL_MAX_SIZE, EVAL_SIZE
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, UserError
 from ..utils.category_layout import CategoryLayout
 from ..models.weights import (
     OFFICIAL_EXPERIMENTS,
@@ -156,7 +156,8 @@ def categories_of(checkpoint: Mapping[str, Any], saved: Optional[Mapping[str, An
     """The categories [{id, name}] the checkpoint was trained on, None when unknown.
 
     In order: the checkpoint's own ``categories``; the 80 COCO categories for official files; the
-    synthetic dataset's shapes; the categories of the run's val annotation file when it exists.
+    synthetic dataset's shapes, or a YOLO dataset's data.yaml names when it is readable; the
+    categories of the run's val annotation file when it exists.
     """
     stored = checkpoint.get("categories")
     if isinstance(stored, (list, tuple)) and all(isinstance(c, Mapping) and "id" in c for c in stored):
@@ -164,7 +165,11 @@ def categories_of(checkpoint: Mapping[str, Any], saved: Optional[Mapping[str, An
     if is_official(checkpoint):
         return [dict(c) for c in COCO_CATEGORIES]
     dataset = (saved or {}).get("dataset") or {}
-    built_in = built_in_categories(dataset.get("kind"))
+    try:
+        built_in = built_in_categories(dataset.get("kind"), dataset.get("root"))
+    except UserError as error:
+        logger.warning("could not read the categories of dataset.root=%s (%s)", dataset.get("root"), error)
+        return None
     if built_in is not None:
         return built_in
     annotations = dataset.get("val_annotations")
