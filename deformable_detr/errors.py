@@ -33,3 +33,12 @@ class DeviceError(UserError, RuntimeError):
 
 class ExistingPathError(UserError, FileExistsError):
     """A path that exists but is not what it should be, and is not ours to overwrite."""
+
+
+class DiskFullError(UserError, OSError):
+    """A file that could not be written because its disk (or the user's quota) is full."""
+
+
+class UnwritableDirectoryError(UserError, PermissionError):
+    """A directory a tool must write into that cannot be created or written: read-only, not
+    permitted, or a file standing where a directory should be."""

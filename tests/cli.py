@@ -1,7 +1,9 @@
 """Running and composing the command-line tools from tests."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from hydra import compose, initialize_config_dir
 
@@ -23,6 +25,50 @@ def run_tool(tool, *overrides, timeout=600, env=None, launcher=None):
     command = list(launcher or [sys.executable]) + [os.path.join(TOOLS, f"{tool}.py"), f"hydra.searchpath=[file://{TEST_CONFIGS}]", *overrides]
     environment = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+def signal_tool(tool, overrides, send, *, after, launcher=None, timeout=600):
+    """Start tools/<tool>.py as ``run_tool`` does, in a session (a process group) of its own, as a
+    scheduler starts a job; once a line of its output contains ``after``, call ``send(process)``
+    (e.g. ``to_group(signal.SIGTERM)``). Returns the CompletedProcess, with stderr in ``stdout``,
+    once every process of the group has ended."""
+    command = list(launcher or [sys.executable]) + [os.path.join(TOOLS, f"{tool}.py"), f"hydra.searchpath=[file://{TEST_CONFIGS}]", *overrides]
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+                               start_new_session=True)
+    lines, rest = [], ""
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if after in line:
+                send(process)
+                break
+        rest, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = "".join(lines) + rest
+    assert after in output, output[-3000:]
+    assert not _group_outlives(process.pid), f"processes of the group of pid {process.pid} outlived it"
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+def to_group(signum):
+    """For ``signal_tool``: ``signum`` to the whole process group, as SLURM, Kubernetes or Ctrl-C send it."""
+    return lambda process: os.killpg(process.pid, signum)
+
+
+def _group_outlives(pgid, seconds=10.0):
+    """Whether a process of group ``pgid`` is still there after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class ToolResult:

@@ -409,3 +409,21 @@ def test_the_training_loader_pads_to_a_multiple_when_asked(tmp_path, workers):
     assert runtime.describe_padding(0) == ""
     with pytest.raises(ConfigError, match="dataset.train_pad_multiple=-8"):
         runtime.make_loader(dataset, 2, 0, True, 0, cpu, pad_multiple=-8)
+
+
+@pytest.mark.parametrize(
+    "images, annotations, categories, problem",
+    [
+        ([{"id": i, "file_name": f"{i:03d}.png", "width": 40, "height": 30} for i in (1, 2, 1, 3, 2, 2)], [], None,
+         r'2 image ids occur more than once in "images" \(1, 2\); give every image its own id'),
+        (None, [_annotation(i, 1, 7, [4, 3, 10, 6]) for i in (9, 1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 9)], None,
+         r'7 annotation ids occur more than once in "annotations" \(9, 1, 2, 3, 4, \.\.\.\); give every annotation its own id'),
+        (None, None, [{"id": 1, "name": "one"}, {"id": 7, "name": "seven"}, {"id": 7, "name": "again"}],
+         r'1 category id occurs more than once in "categories" \(7\); give every category its own id'),
+    ],
+    ids=["images", "annotations", "categories"],
+)
+def test_repeated_ids_name_the_file_the_ids_and_their_count(tmp_path, images, annotations, categories, problem):
+    _write_layout(str(tmp_path), images=images, annotations=annotations, categories=categories)
+    with pytest.raises(AnnotationFormatError, match=f"dataset.root: annotation file .*instances_val2017.json is not in COCO format: {problem}$"):
+        build_coco_dataset(str(tmp_path), "val", PLAIN, context="dataset.root")

@@ -1,14 +1,16 @@
 """Training runs end to end through tools/train.py: EMA with exact resume, release checkpoints,
-damaged checkpoints, the run-directory lock, another process count on resume, elastic restarts."""
+damaged checkpoints, the run-directory lock, another process count on resume, elastic restarts,
+stops on signals sent to the whole process group (data-loader workers included)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from cli import ROOT, assert_ok, run_tool, tiny
+from cli import ROOT, assert_ok, run_tool, signal_tool, tiny, to_group
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -129,3 +131,51 @@ def test_ema_and_accumulation_under_two_processes(tmp_path, data_root):
     assert (state["step"], state["world_size"], state["batch_size"]) == (2, 2, 2)
     assert int(state["ema"]["n_averaged"]) == 2
     assert any(not torch.equal(state["ema"]["model"][k], state["model"][k]) for k in state["model"] if state["model"][k].is_floating_point())
+
+
+def test_a_signal_to_the_process_group_stops_with_a_checkpoint_and_its_exit_status(tmp_path, data_root):
+    run = tmp_path / "run"
+    common = ["trainer.epochs=3", "trainer.eval_every=10", "dataset.num_workers=2"]
+    # preemption (SLURM, Kubernetes): SIGTERM to the group reaches the data-loader workers too; they leave it to the training
+    result = signal_tool("train", tiny(run, data_root, *common), to_group(signal.SIGTERM), after="[epoch 0] 2/4")
+    assert result.returncode == 143, result.stdout[-3000:]
+    assert "stopped on SIGTERM (exit status 143)" in result.stdout and "killed by signal" not in result.stdout
+    first = torch.load(run / "checkpoint_last.pth", weights_only=True)["step"]
+    # Ctrl-C, this time after a resume: the stop is announced once, not once more by each worker
+    result = signal_tool("train", tiny(run, data_root, *common), to_group(signal.SIGINT), after="[epoch 1] 2/4")
+    assert result.returncode == 130, result.stdout[-3000:]
+    assert result.stdout.count("stopping after this step") == 1 and "stopped on SIGINT (exit status 130)" in result.stdout
+    assert "resumed from" in result.stdout
+    second = torch.load(run / "checkpoint_last.pth", weights_only=True)["step"]
+    assert 2 <= first < second < 12
+    result = run_tool("train", *tiny(run, data_root, *common))
+    assert_ok(result)
+    assert f"step {second % 4} of 4 in the epoch ({second} steps in total)" in result.stdout
+    assert torch.load(run / "checkpoint_last.pth", weights_only=True)["step"] == 12
+
+
+def rank_processes(launcher):
+    """The pids of the ranks that torchrun process ``launcher`` started."""
+    with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    return [pid for pid in children if "train.py" in open(f"/proc/{pid}/cmdline").read()]
+
+
+def test_torchrun_ranks_stop_together_with_a_checkpoint(tmp_path, data_root):
+    run = tmp_path / "run"
+    common = ["trainer.epochs=4", "trainer.eval_every=10", "dataset.num_workers=2"]
+    launcher = TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
+    # preemption: SIGTERM to torchrun's group; its agent passes it on to each rank's group, data-loader workers included
+    result = signal_tool("train", tiny(run, data_root, *common), to_group(signal.SIGTERM), after="[epoch 1] 1/2", launcher=launcher)
+    assert "stopped on SIGTERM (exit status 143)" in result.stdout and "killed by signal" not in result.stdout, result.stdout[-3000:]
+    stopped = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    assert stopped["world_size"] == 2 and 2 < stopped["step"] < 8
+    # one rank signalled: both agree, checkpoint and exit 143, which torchrun lists (exiting 1 itself)
+    result = signal_tool("train", tiny(run, data_root, *common), lambda process: os.kill(rank_processes(process)[-1], signal.SIGTERM),
+                         after=" eta ", launcher=launcher)
+    assert result.returncode == 1 and result.stdout.count("exitcode  : 143") == 2, result.stdout[-3000:]
+    assert "resumed from" in result.stdout
+    assert torch.load(run / "checkpoint_last.pth", weights_only=True)["step"] > stopped["step"]
+    # and one process finishes the run
+    assert_ok(run_tool("train", *tiny(run, data_root, *common)))
+    assert torch.load(run / "checkpoint_last.pth", weights_only=True)["epoch"] == 4

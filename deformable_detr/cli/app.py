@@ -2,8 +2,8 @@
 the error path. A tool is a ``Tool`` (its config, usage and ``run(cfg)``); ``tools/<name>.py``
 only calls ``Tool.main()``.
 
-    Tool.main: --help -> help text | command line checked (one error line) -> Hydra composes ->
-               run(cfg) -> a UserError is one error line (exit 2), anything else a traceback
+    Tool.main: --help -> help text | command line and run directory checked (one error line) ->
+               Hydra composes -> run(cfg) -> a UserError is one error line (exit 2), anything else a traceback
     start_run: device (and the process group under torchrun), run directory, logging, seed
 """
 import dataclasses
@@ -21,7 +21,7 @@ from .. import recipes
 from ..engine.distributed import init_distributed, shutdown_distributed
 from ..engine.rng import seed_everything
 from ..engine.run_lock import RunLock
-from ..errors import ConfigError, UserError
+from ..errors import UserError
 from ..utils import allocator, distributed
 from . import command_line, runtime
 
@@ -67,8 +67,12 @@ class Tool:
         search_path = _search_path(arguments)
         try:
             command_line.check(self.name, arguments, self.schema, self.usage, self.required, search_path)
-        except ConfigError as error:
+            command_line.check_run_directory(self.name, arguments, search_path)
+        except UserError as error:
             command_line.report(error)
+        if os.environ.get("RANK", "0") != "0":
+            # under torchrun only the main process writes the run directory, Hydra's record (.hydra/) included
+            arguments = arguments + ["hydra.output_subdir=null"]
         sys.argv = [sys.argv[0]] + arguments
         hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=self.name)(self.task)()
 

@@ -5,7 +5,9 @@ The command line wins where it speaks: ``experiment=NAME`` builds that experimen
 ``model.KEY=VALUE`` changes that one key of the checkpoint's model (so a mismatch names it alone);
 the rest of the model, the run's name and its dataset settings come from the checkpoint.
 """
+import json
 import logging
+import os
 from typing import Any, Dict, List, Optional
 
 from hydra import compose
@@ -14,7 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from ..inference import CheckpointRecipe, Detector, read_recipe
 from ..engine.precision import AMP_DTYPES
-from ..errors import ConfigError
+from ..data.category_diff import category_differences, describe_categories
+from ..errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -90,3 +93,39 @@ def detector_for(cfg: DictConfig, recipe: CheckpointRecipe, device) -> Detector:
         restrict_to_categories=bool(postprocess.get("restrict_to_dataset_categories", True)),
         eval_size=cfg.dataset.eval_transforms.size, eval_max_size=cfg.dataset.eval_transforms.max_size,
     )
+
+
+def check_dataset_categories(recipe: CheckpointRecipe, categories: List[Dict[str, Any]], where: str) -> None:
+    """A dataset's categories [{id, name}] against the checkpoint's: an id the model has no logit for is
+    refused (CheckpointError: it could never be predicted, and its AP would read 0); other
+    differences (renamed, renumbered, missing categories) are a warning naming both lists."""
+    beyond = [c for c in categories if recipe.layout.logit_index(c["id"]) is None]
+    trained = describe_categories(recipe.categories) if recipe.categories is not None else f"{recipe.layout.num_logits} logits, names unknown"
+    if beyond:
+        raise CheckpointError(
+            f"{where} has categories the model of checkpoint={recipe.path} has no logit for ({describe_categories(beyond)}); "
+            f"the checkpoint predicts {trained}, the dataset has {describe_categories(categories)}; "
+            "evaluate on data with the checkpoint's categories, or fine-tune it on this dataset (init_weights=)"
+        )
+    if recipe.categories is not None:
+        differences = category_differences(recipe.categories, categories)
+        if differences:
+            logger.warning("the categories of %s differ from those checkpoint=%s was trained on: %s. The checkpoint's: %s; the dataset's: %s",
+                           where, recipe.path, "; ".join(differences), trained, describe_categories(categories))
+
+
+def categories_named_on_the_command_line(cfg: DictConfig) -> Optional[List[Dict[str, Any]]]:
+    """The categories of the val annotation file of a dataset the command line named
+    (``dataset.root=``, ``dataset.val_annotations=``), when it exists: what the user expects the
+    checkpoint to detect."""
+    if not overrode(user_overrides(), "dataset"):
+        return None
+    dataset = cfg.dataset
+    annotations = dataset.get("val_annotations")
+    if not annotations and not OmegaConf.is_missing(dataset, "root") and dataset.get("root"):
+        annotations = os.path.join(os.path.expanduser(str(dataset.root)), "annotations", "instances_val2017.json")
+    if not annotations or not os.path.isfile(annotations):
+        return None
+    with open(annotations) as f:
+        return [{"id": int(c["id"]), "name": str(c["name"])} for c in json.load(f).get("categories", [])]
+

@@ -4,12 +4,14 @@ the key and the fix (exit status 2), instead of Hydra's report or a traceback.
 Caught here: a misspelled key (``trainer.epoch=1``), an unknown experiment or group option
 (``experiment=r50_deformable_detr_singlescale``), a value of the wrong type (``score_threshold=high``),
 a list given without brackets (``measure=params``), a key added with ``+`` that no schema or
-``_target_`` knows, and a required value left out (``checkpoint=``).
+``_target_`` knows, a required value left out (``checkpoint=``), and a run directory that cannot be
+created or written (``hydra.run.dir=/read-only/run``).
 """
 import difflib
 import os
 import re
 import sys
+import tempfile
 from typing import List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
@@ -17,7 +19,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .. import recipes
-from ..errors import ConfigError
+from ..errors import ConfigError, UnwritableDirectoryError, UserError
 from .checks import check_config
 
 CONFIG_DIR = recipes.CONFIG_DIR
@@ -41,9 +43,7 @@ def check(config_name: str, arguments: Sequence[str], schema: type, usage: str, 
           search_path: Optional[str] = None) -> DictConfig:
     """Composes ``config_name`` with the command line's overrides as the tool will and returns the
     config; raises ConfigError with the one line to print for the first mistake found."""
-    overrides = overrides_of(arguments)
-    if search_path is not None:
-        overrides = [f"hydra.searchpath=[file://{search_path}]"] + overrides
+    overrides = _with_search_path(overrides_of(arguments), search_path)
     groups = set(config_groups())
 
     def is_group(override: str) -> bool:
@@ -77,6 +77,47 @@ def check(config_name: str, arguments: Sequence[str], schema: type, usage: str, 
         raise ConfigError(f"{' and '.join(f'{key}=' for key in missing)} {'is' if len(missing) == 1 else 'are'} required: {usage}")
     check_config(cfg, schema)
     return cfg
+
+
+def _with_search_path(overrides: List[str], search_path: Optional[str]) -> List[str]:
+    return overrides if search_path is None else [f"hydra.searchpath=[file://{search_path}]"] + overrides
+
+
+# Hydra's flags after which it creates no run directory (it prints, completes or sweeps instead)
+_NO_RUN_DIRECTORY = ("--cfg", "-c", "--info", "--hydra-help", "--shell-completion", "-sc", "--multirun", "-m")
+
+
+def check_run_directory(config_name: str, arguments: Sequence[str], search_path: Optional[str] = None) -> None:
+    """Hydra creates ``hydra.run.dir`` and writes its ``.hydra/`` there before the tool runs; one
+    that cannot be created or written raises UnwritableDirectoryError here instead of ending in
+    Hydra's traceback."""
+    if any(argument in _NO_RUN_DIRECTORY for argument in arguments):
+        return
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=_with_search_path(overrides_of(arguments), search_path), return_hydra_config=True)
+        run_dir = str(cfg.hydra.run.dir)  # ${now:...} resolved: a second off Hydra's, with the same parents
+    problem = unwritable_because(run_dir)
+    if problem is not None:
+        raise UnwritableDirectoryError(f"hydra.run.dir={run_dir} {problem}; choose another run directory with hydra.run.dir=DIR")
+
+
+def unwritable_because(directory: str) -> Optional[str]:
+    """Why ``directory`` cannot be created (parents included) or written, or None when it can. Tried
+    by making and removing a directory in its nearest existing parent (or itself): read-only mounts
+    and immutable directories refuse even root, whose permission bits say nothing."""
+    path = os.path.abspath(directory)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    verb = "written" if existing == path else "created"
+    if not os.path.isdir(existing):
+        what = "a broken symbolic link" if os.path.islink(existing) else "a file"
+        return f"cannot be {verb}: {existing} is {what}, not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write_check_", dir=existing))
+    except OSError as error:
+        return f"cannot be {verb}: {existing} is not writable ({error.strerror or error})"
+    return None
 
 
 def _check_key(cfg: DictConfig, override: str) -> None:
@@ -125,7 +166,7 @@ def _composition_error(error: ConfigCompositionException, base: DictConfig) -> s
     return f"{key}={value}: {str(error.__cause__ or error).splitlines()[0]}"
 
 
-def report(error: ConfigError) -> None:
+def report(error: UserError) -> None:
     """Print the one line and exit with status 2."""
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -21,7 +21,7 @@ from ..evaluation.coco_evaluator import write_json_atomic
 from ..models import PostProcess
 from . import runtime
 from .app import Tool, start_run
-from .checkpoint_config import config_for_checkpoint, detector_for, load_recipe
+from .checkpoint_config import check_dataset_categories, config_for_checkpoint, detector_for, load_recipe
 from .checks import check_config
 from .schema import EvalConfig
 
@@ -42,9 +42,7 @@ def run(cfg: DictConfig):
     root = runtime.dataset_root(data)
     val_set = runtime.build_dataset(data, "val", root, cfg.seed)
     loader = runtime.make_loader(val_set, data.eval_batch_size, data.num_workers, False, cfg.seed, session.device)
-    unknown = [i for i in val_set.category_ids if recipe.layout.logit_index(i) is None]
-    if unknown:
-        logger.warning("the model has no logit for the dataset's category ids %s: they are never predicted", unknown)
+    check_dataset_categories(recipe, val_set.coco.loadCats(val_set.category_ids), f"the val set ({val_set.annotation_file})")
     logger.info("evaluating %s (%s%s) on %s in %s", recipe.path, "official " if recipe.official else "", recipe.name, session.device,
                 runtime.precision_name(cfg.amp))
     # predictions carry only the val set's category ids (postprocess.restrict_to_dataset_categories)

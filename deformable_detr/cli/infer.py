@@ -25,7 +25,7 @@ from ..utils.progress_bar import ProgressBar
 from ..visualization import render_detections
 from . import runtime
 from .app import Tool, start_run
-from .checkpoint_config import config_for_checkpoint, detector_for, load_recipe
+from .checkpoint_config import categories_named_on_the_command_line, check_dataset_categories, config_for_checkpoint, detector_for, load_recipe
 from .checks import check_config
 from .schema import InferConfig
 
@@ -85,6 +85,9 @@ def run(cfg: DictConfig):
     check_config(cfg, InferConfig)
     session.save_config(cfg)
     detector = detector_for(cfg, recipe, session.device)
+    expected = categories_named_on_the_command_line(cfg)
+    if expected is not None:
+        check_dataset_categories(recipe, expected, "the dataset named on the command line")
     pictures = picture_names(paths, cfg.picture_format)
     dataset = ImageFiles(paths, detector.transforms, skip_unreadable=cfg.skip_unreadable)
     # worker processes only pay off when there is more than one image to decode

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import recipes
 from ..data import CocoDetection, ShardedSampler, build_coco_dataset, build_yolo_dataset, coco_split_paths, collate
 from ..data.settings import DatasetSettings
+from ..data.worker_signals import SignalSafeDataLoader
 from ..data.yolo_layout import looks_like_yolo
 from ..errors import ConfigError, MissingFileError, UserError
 from ..utils import devices, distributed
@@ -122,7 +123,8 @@ def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: i
     """A DataLoader over this rank's shard: shuffled, padded and drop_last for training; every
     image exactly once over all ranks for evaluation. ``group_window`` > 1 batches images of
     similar augmented size together (see ``ShardedSampler``); ``pad_multiple`` > 1 pads each
-    batch's height and width up to a multiple of it (see ``pad_images``)."""
+    batch's height and width up to a multiple of it (see ``pad_images``). Its workers leave SIGTERM
+    and SIGINT to this process, which stops cleanly on them (see ``SignalSafeDataLoader``)."""
     if group_window < 0:
         raise ConfigError(f"dataset.size_group_window={group_window}: use 0 (shuffled batches) or a window of images, e.g. 64")
     if pad_multiple < 0:
@@ -130,7 +132,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, train: bool, seed: i
     # datasets whose augmented sizes are unknown load in the shuffled order
     sizes = dataset.output_sizes if group_window > 1 and getattr(dataset, "predicts_sizes", False) else None
     sampler = ShardedSampler(len(dataset), shuffle=train, pad=train, seed=seed, sizes=sizes, group_window=group_window)
-    loader = torch.utils.data.DataLoader(
+    loader = SignalSafeDataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

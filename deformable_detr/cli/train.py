@@ -6,9 +6,13 @@
     python tools/train.py hydra.run.dir=outputs/run1        # resumes outputs/run1 where it stopped
 
 The run directory (hydra.run.dir) receives the composed config, logs, TensorBoard events,
-checkpoints (last, best, every N epochs), metrics.json and predictions.json.
+checkpoints (last, best, every N epochs), metrics.json and predictions.json. SIGTERM or Ctrl-C
+stops a run after the current step with a checkpoint and exit status 128 + the signal's number
+(143, 130); a run that finishes, or stops at trainer.max_steps, exits 0.
 """
 import os
+import signal
+import sys
 
 import torch
 from hydra.utils import instantiate
@@ -16,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..engine.checkpoint import find_resume, load_resumable, refuse_to_overwrite, remove_stale_temporaries
 from ..engine.precision import check_fp32_precision, set_fp32_precision
+from ..engine.stop_request import stop_exit_status
 from ..engine.trainer import Trainer, TrainingData, TrainingParts, resolve_amp
 from ..inference.checkpoint_recipe import class_rows_by_name
 from ..models.weights import load_weights, read_checkpoint
@@ -79,9 +84,20 @@ def train(cfg: DictConfig):
         writer.close()
     if session.lock is not None:
         session.lock.release()
+    if trainer.stop_signal is not None:
+        exit_stopped(trainer.stop_signal)
     if stats is not None:
         logger.info("final COCO box AP %.4f (AP50 %.4f); %s", stats["AP"], stats["AP50"], run_dir)
     return stats
+
+
+def exit_stopped(signum: int) -> None:
+    """End a run that signal ``signum`` stopped, its checkpoint written, with ``stop_exit_status(signum)``:
+    all ranks together and deaf to SIGTERM by now, as torchrun's agent terminates the ranks still
+    running once one has exited, which would turn their status into a kill."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    distributed.barrier()
+    sys.exit(stop_exit_status(signum))
 
 
 def prepare_run_directory(cfg: DictConfig, session: Run) -> None:

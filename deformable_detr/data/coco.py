@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError, MissingFileError
 from ..utils.category_layout import CategoryLayout
 from .coco_annotations import coco_target, load_coco_annotations, num_classes_of
+from .image_files import to_rgb
 from .skip_counter import SkipCounter
 from .transforms import predicts_size
 
@@ -184,7 +185,7 @@ class CocoDetection(Dataset):
         try:
             with PIL.Image.open(path) as opened:
                 # as displayed: labelling tools annotate the image after its EXIF rotation
-                image = PIL.ImageOps.exif_transpose(opened).convert("RGB")
+                image = to_rgb(PIL.ImageOps.exif_transpose(opened))
         except Exception as error:  # any decoder failure means the same thing: unusable file
             raise UnreadableImageError(
                 f"{prefix}image {path} (id {image_id}) cannot be decoded ({error}); "

@@ -1,11 +1,12 @@
 """COCO annotation files: loading with clear errors, and conversion to detection targets."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 from pycocotools.coco import COCO
@@ -29,7 +30,8 @@ def load_coco_annotations(annotation_file: str, context: Optional[str] = None) -
     Raises ``FileNotFoundError`` when the file is missing and ``AnnotationFormatError``
     when it is not JSON or lacks the fields detection needs (``images`` with ``id`` and
     ``file_name``; ``annotations`` with ``id``, ``image_id``, ``category_id`` and a 4-number
-    ``bbox``; ``categories`` with ``id``). ``context`` prefixes every message.
+    ``bbox``; ``categories`` with ``id``), or gives two images, annotations or categories one
+    ``id``. ``context`` prefixes every message.
     """
     prefix = _prefix(context)
     if not os.path.isfile(annotation_file):
@@ -93,6 +95,19 @@ def _validate(dataset, annotation_file: str, prefix: str) -> None:
         bbox = annotation["bbox"]
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             fail(f'annotations[{position}]["bbox"] must be [x, y, width, height]')
+    # the index keeps one entry per id, so evaluation would silently drop or merge the others
+    for key, noun in (("images", "image"), ("annotations", "annotation"), ("categories", "category")):
+        repeated = _repeated_ids(dataset[key])
+        if repeated:
+            shown = ", ".join(map(str, repeated[:5])) + (", ..." if len(repeated) > 5 else "")
+            ids = f"1 {noun} id occurs" if len(repeated) == 1 else f"{len(repeated)} {noun} ids occur"
+            fail(f'{ids} more than once in "{key}" ({shown}); give every {noun} its own id')
+
+
+def _repeated_ids(items: List[dict]) -> List:
+    """The ``id`` values that more than one of ``items`` has, in the order they first appear."""
+    counts = collections.Counter(item["id"] for item in items if isinstance(item["id"], Hashable))
+    return [value for value, count in counts.items() if count > 1]
 
 
 def num_classes_of(coco: COCO) -> int:

@@ -7,6 +7,7 @@ import os
 import random
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
@@ -15,13 +16,15 @@ from torch.utils.data import Dataset
 from ..errors import DataError, MissingFileError
 from .skip_counter import SkipCounter
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "UnreadableImageFileError", "list_image_files", "read_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "UnreadableImageFileError", "list_image_files", "read_image", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
 # what PIL decodes out of the box and people keep photos in
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _GLOB_CHARACTERS = set("*?[")
+# how PIL holds 16-bit grey samples (0..65535): I;16* from PNG and TIFF, I (int32) from 16-bit PGM
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class UnreadableImageFileError(DataError):
@@ -54,12 +57,28 @@ def _is_image(path: str) -> bool:
     return os.path.isfile(path) and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` as 8-bit RGB.
+
+    16-bit grey (modes I;16, I;16B, ... and I) is scaled from 0..65535 to 0..255, rounded (PIL's
+    own conversion clips it, turning most pixels white); samples of a 32-bit I image outside that
+    range are clipped. 16-bit colour and grey+alpha PNGs need nothing here: PIL decodes them as 8-bit
+    RGB / RGBA already, keeping each sample's high byte.
+    """
+    if image.mode in _SIXTEEN_BIT_GREY:
+        samples = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        grey = (samples * 255 + 32767) // 65535  # round(v * 255 / 65535)
+        return PIL.Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def read_image(path: str) -> PIL.Image.Image:
-    """Decode ``path`` as RGB, turned upright by its EXIF orientation (as a camera meant it to be seen)."""
+    """Decode ``path`` as 8-bit RGB (see ``to_rgb``), turned upright by its EXIF orientation (as a
+    camera meant it to be seen)."""
     try:
         with PIL.Image.open(path) as opened:
             upright = PIL.ImageOps.exif_transpose(opened)
-            return upright.convert("RGB")
+            return to_rgb(upright)
     except Exception as error:  # any decoder failure means the same thing: unusable file
         raise UnreadableImageFileError(f"image {path} cannot be decoded ({type(error).__name__}: {error}); replace it, or skip such files") from error
 

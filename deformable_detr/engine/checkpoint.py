@@ -9,6 +9,7 @@ far), ``history`` (per-epoch metrics). ``checkpoint_last.pth`` and the per-epoch
 it; ``checkpoint_best.pth`` is a release file: the weights that scored best (the EMA weights when
 EMA is on) and what describes them, without the optimizer state.
 """
+import errno
 import glob
 import logging
 import os
@@ -18,8 +19,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DiskFullError
 from ..models.weights import read_checkpoint
+from ..utils.disk_space import disk_full_errno, format_bytes, free_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +42,68 @@ def _umask() -> int:
     return mask
 
 
-def save_atomic(state: Dict[str, Any], path: str) -> None:
+def save_atomic(state: Dict[str, Any], path: str, last_good: Optional[str] = None) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over ``path``,
     so ``path`` always holds either the previous or the new complete checkpoint. The finished
-    file gets the permissions the umask gives (the temporary file is private until then)."""
+    file gets the permissions the umask gives (the temporary file is private until then).
+
+    A full disk or quota raises ``DiskFullError`` naming ``path``, the space needed and free, and
+    the checkpoint that stays usable: ``last_good`` (default: the previous ``path``, if any). The
+    temporary file is removed whatever went wrong.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pth", dir=directory)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pth", dir=directory)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        code = disk_full_errno(error) if isinstance(error, Exception) else None
+        if code is None:
+            raise
+        raise _disk_full_error(state, path, code, last_good) from error
+
+
+_DISK_FULL_FIXES = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your quota or have it raised",
+    errno.EFBIG: "lift the file-size limit (ulimit -f) or move the run to a file system that takes larger files",
+}
+
+
+def _disk_full_error(state: Dict[str, Any], path: str, code: int, last_good: Optional[str]) -> DiskFullError:
+    """The one line for a checkpoint that did not fit: what was written, the room it needs (the
+    state's tensor bytes, or the previous file's size when that is larger) and has, what is kept."""
+    needed = max(_tensor_bytes(state), os.path.getsize(path) if os.path.isfile(path) else 0)
+    free = free_bytes(path)
+    room = f"it needs about {format_bytes(needed)}" + (f", {format_bytes(free)} free there" if free is not None else "")
+    last_good = last_good or (path if os.path.isfile(path) else None)
+    kept = (f"the last good checkpoint, {last_good}, is kept intact" if last_good
+            else "no earlier checkpoint of this run exists to keep")
+    error = DiskFullError(
+        f"cannot write checkpoint {path}: {os.strerror(code).lower()} ({room}); {kept}: "
+        f"{_DISK_FULL_FIXES.get(code, _DISK_FULL_FIXES[errno.ENOSPC])}, then resume=auto continues the run from its last good checkpoint"
+    )
+    error.errno = code  # set apart: OSError's two-argument form would prefix the message with it
+    return error
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about what torch.save writes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -168,6 +214,9 @@ class CheckpointKeeper:
             written.append(os.path.join(self.run_dir, BEST))
         if finished_epoch is not None and self.keep_every and (finished_epoch + 1) % self.keep_every == 0:
             written.append(os.path.join(self.run_dir, epoch_checkpoint_name(finished_epoch)))
+        # what a full disk leaves usable: the newest resumable checkpoint, this save's once written
+        last_good = next(iter(resume_candidates(self.run_dir)), None)
         for path in written:
-            save_atomic(release_state(state) if path.endswith(BEST) else state, path)
+            save_atomic(release_state(state) if path.endswith(BEST) else state, path, last_good)
+            last_good = last_good if path.endswith(BEST) else path
         return written

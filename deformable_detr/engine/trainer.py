@@ -4,15 +4,14 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..errors import CheckpointError, ConfigError
+from ..data.category_diff import category_differences
 from ..evaluation.coco_evaluator import write_json_atomic
 from ..models.weights import Recipe, recipe_of_model
 from ..utils import distributed
@@ -24,6 +23,7 @@ from .evaluate_loop import evaluate
 from .precision import FP32_PRECISIONS, cpu_has_native_bf16
 from .progress import TrainingProgress
 from .rng import rng_state, set_rng_state
+from .stop_request import StopRequest, describe_signal
 from .train_step import TrainStep, skip_schedule_step
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class TrainerSettings:
     eval_every: evaluate every this many epochs (and after the last). checkpoint_every_steps:
     also checkpoint within epochs (0: only at epoch ends). keep_every: keep a copy every this many
     epochs (0: only last and best). log_every: steps between progress lines. max_steps: stop with
-    a checkpoint once this many steps are done in total (None: train all epochs).
+    a checkpoint once this many steps are done in total (None: train all epochs); a stop asked
+    for, so unlike a signal's it leaves ``stop_signal`` None (the tool exits 0).
     max_nonfinite_steps: consecutive NaN/inf losses before aborting. tensorboard_images: validation
     images drawn with their predictions at each evaluation. score_threshold: of the drawn boxes.
     ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.9998),
@@ -76,6 +77,9 @@ class TrainerSettings:
     early_stopping_min_delta: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.eval_every < 1:
+            raise ConfigError(f"trainer.eval_every={self.eval_every} must be at least 1 (the last epoch is always evaluated: "
+                              "a value above trainer.epochs evaluates only there)")
         if self.metric not in COCO_STATS:
             raise ConfigError(f"trainer.metric={self.metric} is not one of {', '.join(COCO_STATS)}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
@@ -110,40 +114,6 @@ def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else None
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else None
-
-
-class StopRequest:
-    """SIGTERM/SIGINT ask for a stop at the end of the current step (with a checkpoint); a second
-    SIGINT interrupts at once. All ranks agree on stopping so none waits in a collective."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("signal %d: stopping after this step with a checkpoint (Ctrl-C again to abort)", signum)
-
-    def agreed(self, device: torch.device) -> bool:
-        if distributed.get_world_size() == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
 
 
 @dataclasses.dataclass
@@ -213,6 +183,8 @@ class Trainer:
         # evaluations in a row without an improvement of the metric, and whether that stopped the run
         self.evaluations_without_improvement = 0
         self.stopped_early = False
+        # the signal that stopped the run (agreed by all ranks); None when it finished or stopped as asked (max_steps)
+        self.stop_signal: Optional[int] = None
         if settings.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
             logger.warning("trainer.amp=bf16 on a CPU without native bfloat16 instructions is emulated and slow; "
                            "trainer.amp=null is faster here")
@@ -265,6 +237,14 @@ class Trainer:
     def load_state_dict(self, checkpoint: Dict[str, Any]) -> None:
         """Restore a run from ``checkpoint`` (see ``checkpoint.load_resumable``)."""
         path = checkpoint.get("path", "the checkpoint")
+        saved_categories, categories = checkpoint.get("categories"), self.extra_state.get("categories")
+        differences = category_differences(saved_categories, categories, names=("checkpoint", "run's dataset")) \
+            if saved_categories is not None and categories is not None else []
+        if differences:
+            raise CheckpointError(
+                f"resume={path} was trained on other categories than this run's dataset: {'; '.join(differences)}. "
+                f"Resume with the dataset it was trained on, or start a new run from its weights with init_weights={path}"
+            )
         saved, current = Recipe(**checkpoint.get("recipe", {})), recipe_of_model(self.model)
         if checkpoint.get("recipe") and saved != current:
             raise CheckpointError(
@@ -334,8 +314,9 @@ class Trainer:
 
     # -------------------------------------------------------------- training
     def fit(self) -> Optional[Dict[str, float]]:
-        """Train from the current state to the last epoch, or until ``max_steps`` or a signal;
-        returns the last evaluation's COCO stats (main process; None elsewhere or when stopped early)."""
+        """Train from the current state to the last epoch, or until ``max_steps`` or a signal (then
+        ``stop_signal`` holds it); returns the last evaluation's COCO stats (main process; None
+        elsewhere or when stopped before the end)."""
         settings = self.settings
         if self.epoch >= settings.epochs or self.stopped_early:
             logger.info("the run already finished (%s)", f"stopped early after epoch {self.epoch - 1}" if self.stopped_early
@@ -354,7 +335,7 @@ class Trainer:
                 self.save(finished_epoch=True, is_best=is_best)
                 if self.stopped_early:
                     return self.last_stats()
-                if self.epoch < settings.epochs and (self._max_steps_reached() or stop.agreed(self.device)):
+                if self.epoch < settings.epochs and self._stop_due(stop):
                     self._log_stop()
                     return None
         return self.last_stats()
@@ -385,10 +366,25 @@ class Trainer:
     def _max_steps_reached(self) -> bool:
         return self.settings.max_steps is not None and self.step >= self.settings.max_steps
 
+    def _stop_due(self, stop: StopRequest) -> bool:
+        """Stop now? At ``max_steps``, or on a signal any rank received (recorded in ``stop_signal``)."""
+        if self._max_steps_reached():
+            return True
+        if stop.agreed(self.device):
+            self.stop_signal = stop.signum
+            return True
+        return False
+
     def _log_stop(self) -> None:
+        """Where the run stopped, why, and how to resume it."""
+        why = ""
+        if self.stop_signal is not None:
+            why = f" on {describe_signal(self.stop_signal)}"
+        elif self._max_steps_reached():
+            why = f" at trainer.max_steps={self.settings.max_steps}"
         logger.info(
-            "stopped at epoch %d, step %d of the epoch (%d steps in total); run again with the same "
-            "hydra.run.dir to resume", self.epoch, self.epoch_step, self.step,
+            "stopped%s at epoch %d, step %d of the epoch (%d steps in total); run again with the same "
+            "hydra.run.dir to resume", why, self.epoch, self.epoch_step, self.step,
         )
 
     def _train_epoch(self, stop: StopRequest) -> bool:
@@ -409,7 +405,7 @@ class Trainer:
             self.progress.update(result, self.step, self.epoch_step, self.optimizer)
             if self.epoch_step == self.steps_per_epoch:
                 break  # fit() checkpoints the finished epoch and checks for stops
-            if self._max_steps_reached() or stop.agreed(self.device):
+            if self._stop_due(stop):
                 stopped = True
                 break
             if self.settings.checkpoint_every_steps and self.step % self.settings.checkpoint_every_steps == 0:

@@ -6,20 +6,20 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..data.image_files import read_image
+from ..data.image_files import read_image, to_rgb
 
 
 def as_rgb_image(image: Any) -> PIL.Image.Image:
-    """A PIL image (any mode), a path (str or os.PathLike; EXIF orientation applied, as evaluation
-    reads files), or an (H, W, 3) uint8 RGB array or tensor ((H, W) and (H, W, 1) are grey, (H, W, 4)
-    RGBA) -> an RGB PIL image.
+    """A PIL image (any mode; 16-bit grey is scaled to 8 bits), a path (str or os.PathLike; EXIF
+    orientation applied, as evaluation reads files), or an (H, W, 3) uint8 RGB array or tensor
+    ((H, W) and (H, W, 1) are grey, (H, W, 4) RGBA) -> an RGB PIL image.
 
     Raises:
         TypeError: anything else, naming what was given and what is accepted.
         ValueError: an array of another dtype or shape, naming it and the fix.
     """
     if isinstance(image, PIL.Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         return read_image(os.fspath(image))
     if isinstance(image, torch.Tensor):
