@@ -3,9 +3,10 @@ at most one warning, never an error.
 
 The library defines ``torch.ops.deformable_attention.ms_deform_attn_forward`` and
 ``..._backward`` with CPU (float32, float64) and, when built with CUDA, CUDA
-(float16, bfloat16, float32, float64) kernels, and ``hash_dropout`` (CPU, see
-hash_dropout.py). When it is missing, disabled or unusable, ``ms_deform_attn`` runs
-the pure-PyTorch reference instead, and ``dropout`` PyTorch's.
+(float16, bfloat16, float32, float64) kernels, and ``torch.ops.hash_dropout.dropout``,
+``relu_dropout`` and ``relu_dropout_backward`` (CPU, see hash_dropout.py). When it is
+missing, disabled or unusable, ``ms_deform_attn`` runs the pure-PyTorch reference instead,
+and ``dropout`` PyTorch's.
 """
 import importlib.machinery
 import importlib.util

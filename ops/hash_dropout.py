@@ -1,8 +1,8 @@
 """Dropout at memory speed on the CPU: the compiled kernel's mask is a hash of (seed, element index).
 
-PyTorch's CPU dropout draws a Bernoulli mask one element at a time (several nanoseconds each),
-then scales it and multiplies: a fifth of a ResNet-50 Deformable DETR training step goes there.
-The ``hash_dropout`` kernel (ops/csrc/hash_dropout_cpu.cpp) makes one pass instead: element i
+PyTorch's CPU dropout draws a Bernoulli mask one element at a time, then scales it and
+multiplies: a large share of a CPU training step (docs/benchmarks.md, Design measurements).
+The ``hash_dropout::dropout`` kernel (ops/csrc/hash_dropout_cpu.cpp) makes one pass instead: element i
 of the contiguous input is kept when 32 bits of SplitMix64's output function at (seed, i) are
 at least round(p * 2^32), and kept elements are scaled by 1 / (1 - p). Its backward is the same
 function of the output gradient under the same seed, so no mask is stored either (PyTorch keeps
@@ -12,7 +12,7 @@ per call, so ``torch.manual_seed`` and saved generator states reproduce runs as 
 The masks are other random numbers than ``torch.nn.functional.dropout``'s, with the same
 distribution: each element kept independently with probability 1 - p (to 2^-32).
 
-``hash_dropout_relu`` (same file) is hash_dropout of relu(input + bias) in one pass, for the
+``hash_dropout::relu_dropout`` (same file) is that dropout of relu(input + bias) in one pass, for the
 hidden layer of a feed-forward network (``linear_relu_dropout``); its backward needs only the
 output, since an element passes its gradient exactly when its output is positive.
 """
@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 from . import extension
 
-OPERATOR = "deformable_attention::hash_dropout"
-RELU_OPERATOR = "deformable_attention::hash_dropout_relu"
+# The C++ operators: torch.ops.hash_dropout.<name> (schemas in ops/csrc/library.cpp)
+OPERATOR = "hash_dropout::dropout"
+RELU_OPERATOR = "hash_dropout::relu_dropout"
+RELU_BACKWARD_OPERATOR = "hash_dropout::relu_dropout_backward"
 
 _registered = False
 _relu_registered = False
@@ -39,7 +41,7 @@ def _fake(first, *_):
 
 
 def _setup_context(ctx, inputs, output):
-    # (tensor, selector, p): hash_dropout's seed, or hash_dropout_relu_backward's forward output
+    # (tensor, selector, p): dropout's seed, or relu_dropout_backward's forward output
     _, selector, p = inputs
     ctx.save_for_backward(selector)
     ctx.p = p
@@ -48,7 +50,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output):
     (seed,) = ctx.saved_tensors
     # linear in the input with a diagonal 0 or 1 / (1 - p) Jacobian: the same mask applies
-    return torch.ops.deformable_attention.hash_dropout(grad_output, seed, ctx.p), None, None
+    return torch.ops.hash_dropout.dropout(grad_output, seed, ctx.p), None, None
 
 
 def _relu_setup_context(ctx, inputs, output):
@@ -62,7 +64,7 @@ def _relu_setup_context(ctx, inputs, output):
 
 def _relu_backward(ctx, grad_output):
     (output,) = ctx.saved_tensors
-    grad_input = torch.ops.deformable_attention.hash_dropout_relu_backward(grad_output, output, ctx.p)
+    grad_input = torch.ops.hash_dropout.relu_dropout_backward(grad_output, output, ctx.p)
     grad_bias = None
     if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
         grad_bias = grad_input.reshape(-1, ctx.bias_shape[0]).sum(0)
@@ -72,7 +74,7 @@ def _relu_backward(ctx, grad_output):
 def _relu_backward_backward(ctx, grad):
     # linear in grad_output; piecewise constant (zero derivative) in the output that selects
     (kept,) = ctx.saved_tensors
-    return torch.ops.deformable_attention.hash_dropout_relu_backward(grad, kept, ctx.p), None, None
+    return torch.ops.hash_dropout.relu_dropout_backward(grad, kept, ctx.p), None, None
 
 
 def register():
@@ -82,21 +84,22 @@ def register():
         torch.library.register_fake(OPERATOR)(_fake)
         torch.library.register_autograd(OPERATOR, _backward, setup_context=_setup_context)
         _registered = True
-    if not _relu_registered and kernel_loaded("hash_dropout_relu"):
+    if not _relu_registered and kernel_loaded("relu_dropout"):
         torch.library.register_fake(RELU_OPERATOR)(_fake)
-        torch.library.register_fake(RELU_OPERATOR + "_backward")(_fake)
-        torch.library.register_autograd(RELU_OPERATOR + "_backward", _relu_backward_backward,
+        torch.library.register_fake(RELU_BACKWARD_OPERATOR)(_fake)
+        torch.library.register_autograd(RELU_BACKWARD_OPERATOR, _relu_backward_backward,
                                         setup_context=_setup_context)
         torch.library.register_autograd(RELU_OPERATOR, _relu_backward, setup_context=_relu_setup_context)
         _relu_registered = True
 
 
-def kernel_loaded(name: str = "hash_dropout"):
-    """Whether the loaded library has the kernel ``name`` (a build from before it was added has not)."""
+def kernel_loaded(name: str = "dropout"):
+    """Whether the loaded library has the operator ``torch.ops.hash_dropout.<name>`` (``dropout``,
+    ``relu_dropout``, ``relu_dropout_backward``); a build from before it was added has not."""
     if not extension.library_loaded():
         return False
     try:
-        getattr(torch.ops.deformable_attention, name)
+        getattr(torch.ops.hash_dropout, name)
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -125,13 +128,13 @@ def dropout(input, p=0.5, training=True):
         return input
     if input.device.type != "cpu" or not input.is_floating_point() or not _registered:
         return F.dropout(input, p, True)
-    return torch.ops.deformable_attention.hash_dropout(input, _draw_seed(), p)
+    return torch.ops.hash_dropout.dropout(input, _draw_seed(), p)
 
 
 def linear_relu_dropout(input, weight, bias=None, p=0.5, training=True):
     """``dropout(relu(linear(input, weight, bias)), p, training)``, the hidden layer of a transformer's
     feed-forward network, with ``dropout`` as above. On the CPU in training, the bias, ReLU and
-    dropout take one pass of the ``hash_dropout_relu`` kernel after a bias-free matrix product,
+    dropout take one pass of the ``hash_dropout::relu_dropout`` kernel after a bias-free matrix product,
     instead of four (the bias copy of ``addmm``, ReLU, dropout; ReLU's backward), and only the
     output is kept for the backward. The mask is ``dropout``'s under the same seed; the values are
     the unfused layer's bit for bit where ``addmm`` adds the bias after the whole product (MKL
@@ -148,7 +151,7 @@ def linear_relu_dropout(input, weight, bias=None, p=0.5, training=True):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return F.relu(F.linear(input, weight, bias))
-    # p = 1 leaves nothing to scale: hash_dropout's path zeroes the output and its gradient
+    # p = 1 leaves nothing to scale: ``dropout``'s path zeroes the output and its gradient
     fused = _relu_registered and input.device.type == "cpu" and input.is_floating_point() and p < 1.0
     if not fused:
         return dropout(F.relu(F.linear(input, weight, bias)), p, training)
@@ -156,7 +159,7 @@ def linear_relu_dropout(input, weight, bias=None, p=0.5, training=True):
         hidden, bias = F.linear(input, weight, bias), None
     else:
         hidden = torch.matmul(input, weight.t())
-    return torch.ops.deformable_attention.hash_dropout_relu(hidden, bias, _draw_seed(), p)
+    return torch.ops.hash_dropout.relu_dropout(hidden, bias, _draw_seed(), p)
 
 
 def hash_dropout_reference(input, seed, p):

@@ -1,4 +1,5 @@
-"""Running and composing the command-line tools from tests."""
+"""Running and composing the command-line tools from tests, and writing the small datasets they read."""
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import deformable_detr.cli.schema  # noqa: F401  (importing registers the schema
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 TEST_CONFIGS = os.path.join(ROOT, "tests", "configs")
+# torchrun as a module of this interpreter's torch: no console script on PATH needed
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def compose_config(name="train", overrides=()):
@@ -128,3 +131,29 @@ def tiny(run_dir, data_root, *extra):
 def assert_ok(result):
     """A tool's run succeeded; otherwise show the end of its output."""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def torchrun(processes, *options):
+    """A ``launcher`` for ``run_tool`` and ``signal_tool``: torchrun --standalone with ``processes`` local processes."""
+    return [*TORCHRUN, "--standalone", "--nproc_per_node", str(processes), *options]
+
+
+def write_coco_split(root, split, count, categories, seed):
+    """A COCO-format split under ``root``: ``{split}2017/`` with ``count`` random 64x80 PNGs (1.png, 2.png, ...;
+    pixels from ``numpy.random.default_rng(seed)``), each with one 30x24 box of category
+    ``categories[image_id % len(categories)]``, and ``annotations/instances_{split}2017.json``. Returns ``root``."""
+    import numpy as np
+    import PIL.Image
+
+    os.makedirs(os.path.join(root, f"{split}2017"), exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    generator = np.random.default_rng(seed)
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        PIL.Image.fromarray(generator.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(os.path.join(root, f"{split}2017", f"{image_id}.png"))
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 80, "height": 64})
+        category = categories[image_id % len(categories)]["id"]
+        annotations.append({"id": image_id, "image_id": image_id, "category_id": category, "bbox": [10, 8, 30, 24], "area": 720, "iscrowd": 0})
+    with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return root

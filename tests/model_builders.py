@@ -48,3 +48,14 @@ def off_pixel_centres(model, scale=1e-2, seed=0):
                 noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
                 parameter.add_(scale * noise.to(parameter.device))
     return model
+
+
+def one_box_batches(image_ids, size=64):
+    """Batches of one ``size`` x ``size`` noise image each, with one box of label 3, for each of ``image_ids``
+    (the same noise for the same position in the sequence): ``(images, masks, targets)``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    for image_id in image_ids:
+        target = {"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]]), "labels": torch.tensor([3]), "image_id": torch.tensor(image_id)}
+        yield torch.randn(1, 3, size, size, generator=generator), torch.zeros(1, size, size, dtype=torch.bool), [target]

@@ -2,14 +2,11 @@
 per category where they are sparse or large; training, evaluation, the API and fine-tuning by
 category name on top of it."""
 import json
-import os
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 
-from cli import assert_ok, run_tool_in_process, tiny
+from cli import assert_ok, run_tool_in_process, tiny, write_coco_split
 from deformable_detr import Detector
 from deformable_detr.data.coco_categories import COCO_CATEGORIES
 from deformable_detr.data.synthetic_shapes import SHAPE_CATEGORIES
@@ -57,32 +54,19 @@ def test_postprocess_returns_category_ids_of_a_one_logit_per_category_head():
     assert set(only_some["labels"].tolist()) <= {3, 17}
 
 
-def write_split(root, split, count, seed):
-    os.makedirs(root / f"{split}2017", exist_ok=True)
-    os.makedirs(root / "annotations", exist_ok=True)
-    images, annotations = [], []
-    generator = np.random.default_rng(seed)
-    for image_id in range(1, count + 1):
-        PIL.Image.fromarray(generator.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / f"{split}2017" / f"{image_id}.png")
-        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 80, "height": 64})
-        annotations.append({"id": image_id, "image_id": image_id, "category_id": SPARSE_IDS[image_id % 3],
-                            "bbox": [10, 8, 30, 24], "area": 720, "iscrowd": 0})
-    categories = [{"id": i, "name": name} for i, name in zip(SPARSE_IDS, ["person", "kite", "zebra"])]
-    with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-
-
 @pytest.fixture(scope="module")
 def sparse_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse")
-    write_split(root / "data", "train", 4, 0)
-    write_split(root / "data", "val", 3, 1)
+    categories = [{"id": i, "name": name} for i, name in zip(SPARSE_IDS, ["person", "kite", "zebra"])]
+    write_coco_split(root / "data", "train", 4, categories, seed=0)
+    write_coco_split(root / "data", "val", 3, categories, seed=1)
     run = root / "run"
     result = run_tool_in_process("train", *tiny(run, root / "data", "dataset=coco", "trainer.epochs=1"))
     assert_ok(result)
     return root, run, result
 
 
+@pytest.mark.slow
 def test_sparse_ids_train_a_head_of_one_logit_per_category(sparse_run):
     root, run, result = sparse_run
     assert "3 categories (ids up to 1042; 3 logits, one per category)" in result.stdout
@@ -94,6 +78,7 @@ def test_sparse_ids_train_a_head_of_one_logit_per_category(sparse_run):
     assert {row["id"] for row in json.loads((run / "metrics.json").read_text())["per_category"]} == set(SPARSE_IDS)
 
 
+@pytest.mark.slow
 def test_a_sparse_id_checkpoint_predicts_the_dataset_ids_through_eval_and_the_api(sparse_run):
     root, run, _ = sparse_run
     evaluation = root / "evaluation"
@@ -116,6 +101,7 @@ def test_fine_tuning_starts_each_category_from_the_rows_of_its_name(tmp_path):
     assert class_rows_by_name(official, [{"id": 5, "name": "person"}], CategoryLayout(6)) == [(1, 5)]
 
 
+@pytest.mark.slow
 def test_init_weights_into_other_categories_copies_the_matched_rows(tmp_path, sparse_run):
     root, _, _ = sparse_run
     source_path = make_checkpoint(str(tmp_path / "shapes.pth"), categories=[

@@ -1,13 +1,10 @@
 """A checkpoint meeting data of other categories: resume refuses, evaluation and inference warn
 naming both lists, and an id the model has no logit for is refused."""
-import json
 import os
 
-import numpy as np
-import PIL.Image
 import pytest
 
-from cli import assert_ok, run_tool_in_process, tiny
+from cli import assert_ok, run_tool_in_process, tiny, write_coco_split
 from deformable_detr.data.category_diff import category_differences
 
 PERSON, KITE, ZEBRA = {"id": 1, "name": "person"}, {"id": 2, "name": "kite"}, {"id": 3, "name": "zebra"}
@@ -27,17 +24,7 @@ def test_the_differences_are_named():
 def write_dataset(root, categories, seed=0):
     """A tiny COCO-format dataset at ``root`` (train2017 and val2017, three images each) with ``categories``."""
     for split, count in (("train", 4), ("val", 3)):
-        os.makedirs(root / f"{split}2017", exist_ok=True)
-        os.makedirs(root / "annotations", exist_ok=True)
-        generator = np.random.default_rng(seed)
-        images, annotations = [], []
-        for image_id in range(1, count + 1):
-            PIL.Image.fromarray(generator.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / f"{split}2017" / f"{image_id}.png")
-            images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 80, "height": 64})
-            category = categories[image_id % len(categories)]["id"]
-            annotations.append({"id": image_id, "image_id": image_id, "category_id": category, "bbox": [10, 8, 30, 24], "area": 720, "iscrowd": 0})
-        with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+        write_coco_split(root, split, count, categories, seed)
     return root
 
 

@@ -109,6 +109,7 @@ def test_a_diverged_recipe_is_one_line_and_a_non_zero_exit(capsys):
                                        "lower the learning rate\n")
 
 
+@pytest.mark.slow
 def test_the_entry_points_run_the_same_tool():
     for command in ([sys.executable, os.path.join(ROOT, "tools", "eval.py")],
                     [sys.executable, "-m", "deformable_detr.cli.eval"]):

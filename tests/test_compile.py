@@ -46,6 +46,7 @@ def outputs_and_gradients(forward, model, images, masks):
     return [t.detach() for t in tensors], grads
 
 
+@pytest.mark.slow
 @requires_kernel
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_compiled_model_is_one_graph_with_eager_outputs_and_gradients_in_float64(variant):
@@ -67,6 +68,7 @@ def test_compiled_model_is_one_graph_with_eager_outputs_and_gradients_in_float64
     assert compiled_graphs() >= 1
 
 
+@pytest.mark.slow
 @requires_kernel
 def test_inductor_code_computes_the_eager_function():
     """The generated C++ of the default recipe's architecture (refinement + two-stage), float32,
@@ -89,6 +91,7 @@ def test_inductor_code_computes_the_eager_function():
     assert errors[worst] < 1e-4, (worst, errors[worst])
 
 
+@pytest.mark.slow
 @requires_kernel
 def test_new_image_sizes_reuse_the_dynamic_graph():
     """Multi-scale training pads every batch to a different size: one graph serves them all."""

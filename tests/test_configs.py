@@ -107,18 +107,21 @@ def test_typos_in_instantiated_nodes_are_rejected(override, message):
     assert message in str(error.value)
 
 
+@pytest.mark.slow
 def test_typo_from_the_command_line_names_the_key(tmp_path):
     result = run_tool("train", "+trainer.epoch=3", f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode != 0
     assert "trainer.epoch is not a parameter" in result.stderr and "did you mean trainer.epochs" in result.stderr
 
 
+@pytest.mark.slow
 def test_coco_without_a_root_says_what_to_set(tmp_path):
     result = run_tool("train", "dataset=coco", f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode == 2
     assert "dataset.root is required" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_coco_directory_is_named(tmp_path):
     missing = tmp_path / "nowhere"
     result = run_tool("train", "dataset=coco", f"dataset.root={missing}", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
@@ -150,6 +153,7 @@ def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(capsys):
         run_reporting_errors(bug, None)
 
 
+@pytest.mark.slow
 def test_the_tools_raise_onednn_s_primitive_cache_for_varying_image_sizes():
     """oneDNN keeps 1024 compiled primitives by default, which batches of ever new sizes thrash.
     The tools raise that before any model runs: after convolutions of 1,100 other sizes, the

@@ -73,6 +73,7 @@ def test_images_without_targets_give_finite_losses_and_gradients():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refine,two_stage", [(False, False), (True, True)])
 def test_a_tiny_model_overfits_a_few_images(refine, two_stage):
     torch.manual_seed(0)

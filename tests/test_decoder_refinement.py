@@ -103,7 +103,8 @@ def max_difference(a, b):
     return max(((x - y).abs().nan_to_num(0).max().item() if x.numel() else 0.0) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("experiment", OFFICIAL_EXPERIMENTS)
+# the single-scale recipe (the fastest) in the quick tier, the others slow
+@pytest.mark.parametrize("experiment", [e if e.endswith("_single_scale") else pytest.param(e, marks=pytest.mark.slow) for e in OFFICIAL_EXPERIMENTS])
 def test_outputs_and_gradients_equal_the_earlier_formulation(experiment):
     torch.manual_seed(0)
     model = official_model(experiment).double().train()

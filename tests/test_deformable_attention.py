@@ -37,6 +37,7 @@ def test_point_locations_are_the_official_function_with_its_gradients():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_point_locations_gradcheck():
     module, query, reference_points = module_and_inputs(torch.float64, seed=1)
     assert torch.autograd.gradcheck(lambda q, r: module.point_locations(q, r, SHAPES), (query, reference_points))

@@ -121,6 +121,7 @@ def test_a_real_full_tmpfs(tiny_tmpfs):
     assert (tiny_tmpfs / LAST).read_bytes() == previous and os.listdir(tiny_tmpfs) == [LAST]
 
 
+@pytest.mark.slow
 def test_a_training_run_that_fills_the_disk_ends_with_one_error_line(tmp_path, monkeypatch):
     run = tmp_path / "run"
     calls = fill_disk(monkeypatch, room=4096, after=1)  # the first checkpoint fits, the next does not

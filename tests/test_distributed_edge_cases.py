@@ -3,25 +3,17 @@ exactly as one process on both batches would, a rank without evaluation images d
 evaluation, and only the main process writes files."""
 import json
 import os
-import shutil
-import sys
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cli import assert_ok, run_tool
+from cli import assert_ok, run_tool, torchrun, write_coco_split
 from deformable_detr.engine.optim import build_optimizer, build_scheduler
 from deformable_detr.engine.train_step import TrainStep
 from deformable_detr.models import HungarianMatcher, SetCriterion, loss_weights
 from model_builders import tiny_model
-
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-requires_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN) and shutil.which("torchrun") is None, reason="torchrun not installed")
-
 
 def batches():
     """Four 64x80 images: the first two without any box (rank 1's share), the others with boxes."""
@@ -62,6 +54,8 @@ def _rank(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_rank_without_boxes_trains_as_one_process_on_both_batches(tmp_path):
     torch.set_num_threads(1)
     mp.spawn(_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -80,35 +74,19 @@ def test_a_rank_without_boxes_trains_as_one_process_on_both_batches(tmp_path):
         torch.testing.assert_close(ranks[0]["gradients"][name], gradient, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def write_val_set(root, count):
-    """A COCO-format val set of ``count`` 64x80 images with one box each."""
-    os.makedirs(root / "val2017")
-    os.makedirs(root / "annotations")
-    generator = np.random.default_rng(count)
-    images, annotations = [], []
-    for image_id in range(1, count + 1):
-        PIL.Image.fromarray(generator.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / "val2017" / f"{image_id}.png")
-        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 80, "height": 64})
-        annotations.append({"id": image_id, "image_id": image_id, "category_id": 2 + image_id % 2, "bbox": [10, 8, 30, 24], "area": 720, "iscrowd": 0})
-    with open(root / "annotations" / "instances_val2017.json", "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": [{"id": 2, "name": "circle"}, {"id": 3, "name": "square"}]}, f)
-    return root
-
-
-@requires_torchrun
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("images", [1, 3])
 def test_evaluation_with_a_rank_short_of_images_equals_one_process_and_only_rank_0_writes(tmp_path, images):
     from inference_fixtures import make_checkpoint
 
     checkpoint = make_checkpoint(str(tmp_path / "tiny.pth"))
-    data = write_val_set(tmp_path / "data", images)
+    data = write_coco_split(tmp_path / "data", "val", images, [{"id": 2, "name": "circle"}, {"id": 3, "name": "square"}], seed=images)
     common = [f"checkpoint={checkpoint}", "dataset=coco", f"dataset.root={data}", "dataset.eval_batch_size=1", "dataset.num_workers=0",
               "device=cpu"]
     single, double = tmp_path / "single", tmp_path / "double"
     assert_ok(run_tool("eval", *common, f"hydra.run.dir={single}"))
-    torchrun = [TORCHRUN, "--standalone", "--nproc_per_node", "2"]
-    result = run_tool("eval", *common, f"hydra.run.dir={double}", launcher=torchrun, timeout=600)
+    result = run_tool("eval", *common, f"hydra.run.dir={double}", launcher=torchrun(2), timeout=600)
     assert_ok(result)
     assert sorted(os.listdir(double)) == sorted(os.listdir(single)) == [".hydra", "config.yaml", "eval.log", "metrics.json", "predictions.json"]
     assert len(os.listdir(tmp_path)) == 4  # tiny.pth, data and the two run directories: no stray rank directory

@@ -45,6 +45,7 @@ def unmatched(expected, found, box_tolerance=0.1, score_tolerance=1e-4):
     return missing
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not library_loaded(), reason="export needs the compiled op")
 def test_the_example_reproduces_infer(tmp_path, monkeypatch, capsys):
     checkpoint = make_checkpoint(str(tmp_path / "checkpoint.pth"))

@@ -8,7 +8,7 @@ from deformable_detr.engine.checkpoint import CheckpointKeeper, find_resume, sav
 from deformable_detr.engine.optim import build_optimizer, build_scheduler, param_groups
 from deformable_detr.engine.train_step import NonFiniteLossError, TrainStep
 from deformable_detr.models import HungarianMatcher, SetCriterion, loss_weights
-from model_builders import tiny_model
+from model_builders import one_box_batches, tiny_model
 
 
 class Poisoned(torch.nn.Module):
@@ -27,13 +27,6 @@ class Poisoned(torch.nn.Module):
         return out
 
 
-def batches(image_ids, size=64):
-    generator = torch.Generator().manual_seed(0)
-    for image_id in image_ids:
-        target = {"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]]), "labels": torch.tensor([3]), "image_id": torch.tensor(image_id)}
-        yield torch.randn(1, 3, size, size, generator=generator), torch.zeros(1, size, size, dtype=torch.bool), [target]
-
-
 class Loader:
     """Sets ``model.current`` to the image id of the batch it yields."""
 
@@ -41,7 +34,7 @@ class Loader:
         self.model, self.image_ids = model, image_ids
 
     def __iter__(self):
-        for images, masks, targets in batches(self.image_ids):
+        for images, masks, targets in one_box_batches(self.image_ids):
             self.model.current = int(targets[0]["image_id"])
             yield images, masks, targets
 
@@ -96,7 +89,7 @@ def test_too_many_non_finite_steps_in_a_row_abort_naming_the_images():
 def test_an_empty_batch_is_skipped_in_a_single_process():
     model, criterion, optimizer, scheduler = setup(poisoned_ids=[])
     empty = (torch.zeros(0, 3, 64, 64), torch.zeros(0, 64, 64, dtype=torch.bool), [])
-    loader = [empty] + list(batches([1]))
+    loader = [empty] + list(one_box_batches([1]))
     steps = []
     run_steps(model, criterion, loader, optimizer, scheduler, steps.append)
     assert steps == [1, 2] and scheduler.last_epoch == 2
@@ -166,7 +159,7 @@ def test_bf16_autocast_trains_in_float32_weights():
 
 
 def test_native_bf16_detection_agrees_with_the_cpu_flags():
-    from deformable_detr.engine.trainer import cpu_has_native_bf16
+    from deformable_detr.engine.precision import cpu_has_native_bf16
 
     try:
         with open("/proc/cpuinfo") as handle:

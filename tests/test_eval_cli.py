@@ -47,6 +47,7 @@ def predicted_ids(run_dir):
     return {p["category_id"] for p in json.loads((run_dir / "predictions.json").read_text())}
 
 
+@pytest.mark.slow
 def test_predictions_carry_only_the_dataset_category_ids(tiny_set, tmp_path):
     result = evaluate(tiny_set, tmp_path / "restricted")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -57,6 +58,7 @@ def test_predictions_carry_only_the_dataset_category_ids(tiny_set, tmp_path):
     assert not predicted_ids(tmp_path / "official") <= set(CATEGORY_IDS)  # the official selection, every logit
 
 
+@pytest.mark.slow
 def test_a_batch_of_only_unreadable_images_is_skipped_and_counted(tiny_set, tmp_path):
     broken = tmp_path / "broken"
     os.makedirs(broken / "val2017")

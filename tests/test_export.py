@@ -134,6 +134,7 @@ def test_padded_batch_results_are_unchanged(refine, two_stage, monkeypatch):
 
 
 # ---------------------------------------------------------------- torch.export
+@pytest.mark.slow
 @needs_op
 @pytest.mark.parametrize("levels,refine,two_stage", [(4, False, False), (4, True, False), (4, True, True)], ids=["multi_scale", "refine", "two_stage"])
 def test_torch_export_with_dynamic_batch_and_size_matches_eager(levels, refine, two_stage, tmp_path):
@@ -156,6 +157,7 @@ def test_torch_export_with_dynamic_batch_and_size_matches_eager(levels, refine, 
             assert torch.allclose(boxes, expected["pred_boxes"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @needs_op
 def test_a_batch_of_one_small_image_traces_a_program_of_any_batch_and_size():
     torch.manual_seed(0)
@@ -173,6 +175,7 @@ def test_a_batch_of_one_small_image_traces_a_program_of_any_batch_and_size():
                 torch.testing.assert_close(exported, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @needs_op
 @pytest.mark.parametrize("experiment", OFFICIAL_EXPERIMENTS)
 def test_official_recipes_trace_from_a_batch_of_one(experiment):
@@ -247,6 +250,7 @@ def small_onnx(tmp_path_factory):
     return result, run / "model.onnx", model, images
 
 
+@pytest.mark.slow
 @needs_op
 def test_small_recipe_round_trips_in_onnxruntime(small_onnx):
     import onnx
@@ -265,6 +269,7 @@ def test_small_recipe_round_trips_in_onnxruntime(small_onnx):
     assert shapes == {"images": ["batch", 3, "height", "width"], "logits": ["batch", 100, 7], "boxes": ["batch", 100, 4]}
 
 
+@pytest.mark.slow
 @needs_op
 def test_a_changed_export_fails_the_check(small_onnx):
     from deformable_detr.data import make_eval_transforms
@@ -309,6 +314,7 @@ def default_recipe_program(tmp_path_factory):
     return result, run / "model.pt2"
 
 
+@pytest.mark.slow
 @needs_op
 def test_the_default_recipe_exports_from_its_own_sample_images(default_recipe_program):
     result, path = default_recipe_program
@@ -325,6 +331,7 @@ def test_the_default_recipe_exports_from_its_own_sample_images(default_recipe_pr
     assert "before the sigmoid" in metadata["outputs"] and "(cx, cy, w, h)" in metadata["outputs"]
 
 
+@pytest.mark.slow
 @needs_op
 def test_the_onnx_file_describes_itself(small_onnx):
     import onnx
@@ -374,6 +381,7 @@ def test_the_export_config_composes_with_every_recipe(experiment):
     assert cfg.format == "onnx" and cfg.min_match == 0.99 and cfg.device == "cpu"
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_with_status_2(tmp_path):
     result = run_tool("export", "checkpoint=missing.pth", "format=tflite", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "format=tflite" in result.stderr

@@ -40,6 +40,7 @@ def test_help_lists_the_stages():
     assert all(stage in result.stdout for stage in gpu_check.STAGES)
 
 
+@pytest.mark.slow
 def test_stages_run_log_and_keep_to_the_budget(tmp_path):
     now = [0.0]
     check = gpu_check.Check(str(tmp_path), budget=100.0, clock=lambda: now[0])

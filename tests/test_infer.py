@@ -49,6 +49,7 @@ def assert_one_line_error(result, *needles):
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_folder_writes_pictures_and_predictions(checkpoint, images, tmp_path):
     run = tmp_path / "run"
     assert_ok(infer(checkpoint, images, run, "batch_size=2", command=True))
@@ -117,6 +118,7 @@ def test_empty_folder_unmatched_glob_and_bad_checkpoint_are_one_line_errors(chec
     assert_one_line_error(infer(text, tmp_path / "one.png", tmp_path / "c"), f"checkpoint={text}", "not a readable PyTorch checkpoint")
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_an_error_or_skipped(checkpoint, images, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -11,14 +11,15 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cli import assert_ok, run_tool_in_process, tiny
-from deformable_detr.engine import trainer as trainer_module
+from deformable_detr.engine import precision as precision_module
 from deformable_detr.engine.checkpoint import find_resume
 from deformable_detr.engine.optim import build_optimizer, build_scheduler
+from deformable_detr.engine.precision import resolve_amp
 from deformable_detr.engine.progress import TrainingProgress
 from deformable_detr.engine.train_step import StepResult, TrainStep
-from deformable_detr.engine.trainer import Trainer, TrainerSettings, TrainingData, TrainingParts, resolve_amp
+from deformable_detr.engine.trainer import Trainer, TrainerSettings, TrainingData, TrainingParts
 from deformable_detr.models import HungarianMatcher, SetCriterion, loss_weights
-from model_builders import tiny_model
+from model_builders import one_box_batches, tiny_model
 
 CPU = torch.device("cpu")
 # a scale under which float16 gradients overflow at once; one backoff brings it to 2**10, where they do not
@@ -34,10 +35,7 @@ def parts(fused=True):
 
 
 def batches(count, size=64):
-    generator = torch.Generator().manual_seed(0)
-    for image_id in range(count):
-        target = {"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]]), "labels": torch.tensor([3]), "image_id": torch.tensor(image_id)}
-        yield torch.randn(1, 3, size, size, generator=generator), torch.zeros(1, size, size, dtype=torch.bool), [target]
+    return one_box_batches(range(count), size)
 
 
 def parameters(model):
@@ -171,7 +169,7 @@ def test_auto_amp_on_a_gpu_follows_its_bf16_support(monkeypatch, supported, expe
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, None)])
 def test_auto_amp_on_the_cpu_follows_its_bf16_instructions(monkeypatch, native, expected):
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: native)
     assert resolve_amp("auto", CPU) == expected
 
 

@@ -16,7 +16,7 @@ requires_kernel = pytest.mark.skipif(not kernel_loaded(), reason=f"the compiled 
 
 
 def kernel(input, seed, p):
-    return torch.ops.deformable_attention.hash_dropout(input, torch.tensor(seed, dtype=torch.int64), p)
+    return torch.ops.hash_dropout.dropout(input, torch.tensor(seed, dtype=torch.int64), p)
 
 
 @requires_kernel
@@ -33,22 +33,22 @@ def test_kernel_is_its_reference_bit_for_bit(dtype, shape):
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_narrower_instruction_sets_compute_the_same_bits(isa):
     """The loops are compiled for baseline x86-64, AVX2 and AVX-512; the CPU picks one per process.
-    The feed-forward kernel (hash_dropout_relu, with and without a bias, and its backward) too."""
+    The feed-forward kernel (hash_dropout::relu_dropout, with and without a bias, and its backward) too."""
     script = (
         "import torch, torch.nn.functional as F\nimport deformable_detr_ops\n"
         "from deformable_detr_ops.hash_dropout import hash_dropout_reference\n"
-        "op = torch.ops.deformable_attention\n"
+        "op = torch.ops.hash_dropout\n"
         "for dtype in (torch.float32, torch.float64, torch.bfloat16):\n"
         "    x = torch.randn(3, 1001).to(dtype)\n"
         "    seed = torch.tensor(987654321)\n"
-        "    assert torch.equal(op.hash_dropout(x, seed, 0.3), hash_dropout_reference(x, seed, 0.3))\n"
+        "    assert torch.equal(op.dropout(x, seed, 0.3), hash_dropout_reference(x, seed, 0.3))\n"
         "    x, b, g = torch.randn(3, 1002).to(dtype), torch.randn(1002).to(dtype), torch.randn(3, 1002).to(dtype)\n"
         "    c = torch.promote_types(dtype, torch.float32)\n"
-        "    out = op.hash_dropout_relu(x, b, seed, 0.3)\n"
+        "    out = op.relu_dropout(x, b, seed, 0.3)\n"
         "    assert torch.equal(out, hash_dropout_reference(F.relu(x.to(c) + b.to(c)), seed, 0.3).to(dtype))\n"
-        "    assert torch.equal(op.hash_dropout_relu(x, None, seed, 0.3), hash_dropout_reference(F.relu(x), seed, 0.3))\n"
+        "    assert torch.equal(op.relu_dropout(x, None, seed, 0.3), hash_dropout_reference(F.relu(x), seed, 0.3))\n"
         "    scaled = (g.to(c) * (1 / 0.7)).to(dtype)\n"
-        "    assert torch.equal(op.hash_dropout_relu_backward(g, out, 0.3), torch.where(out > 0, scaled, torch.zeros_like(g)))\n"
+        "    assert torch.equal(op.relu_dropout_backward(g, out, 0.3), torch.where(out > 0, scaled, torch.zeros_like(g)))\n"
         "print('same bits')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, MS_DEFORM_ATTN_CPU_ISA=isa),
@@ -115,8 +115,8 @@ def test_distribution_is_dropouts(p):
 def test_gradcheck_float64():
     x = torch.randn(5, 37, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(77)
-    assert torch.autograd.gradcheck(lambda t: torch.ops.deformable_attention.hash_dropout(t, seed, 0.4), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: torch.ops.deformable_attention.hash_dropout(t, seed, 0.4), (x,))
+    assert torch.autograd.gradcheck(lambda t: torch.ops.hash_dropout.dropout(t, seed, 0.4), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.hash_dropout.dropout(t, seed, 0.4), (x,))
 
 
 @requires_kernel
@@ -177,6 +177,7 @@ def test_other_inputs_and_no_build_fall_back_to_pytorch(monkeypatch):
     assert calls == [0.1, 0.2]
 
 
+@pytest.mark.slow
 @requires_kernel
 def test_benchmark_op_times_the_dropout_kernel_against_pytorchs():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

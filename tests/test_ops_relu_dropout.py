@@ -1,4 +1,4 @@
-"""The feed-forward hidden layer's one-pass kernel (``hash_dropout_relu``): bit-exact against
+"""The feed-forward hidden layer's one-pass kernel (``hash_dropout::relu_dropout``): bit-exact against
 hash_dropout of relu(x + bias), its backward from the output alone, and ``linear_relu_dropout``
 computing exactly the unfused ``dropout(relu(linear(x)))`` of the layers, gradients included."""
 import pytest
@@ -10,12 +10,12 @@ from deformable_detr.models.encoder import DeformableEncoderLayer
 from deformable_detr_ops import hash_dropout
 from deformable_detr_ops.hash_dropout import hash_dropout_reference, kernel_loaded
 
-requires_kernel = pytest.mark.skipif(not kernel_loaded("hash_dropout_relu"),
+requires_kernel = pytest.mark.skipif(not kernel_loaded("relu_dropout"),
                                      reason=f"the compiled kernels are not built. {ops.BUILD_HINT}")
 
 
 def fused(input, bias, seed, p):
-    return torch.ops.deformable_attention.hash_dropout_relu(input, bias, torch.tensor(seed, dtype=torch.int64), p)
+    return torch.ops.hash_dropout.relu_dropout(input, bias, torch.tensor(seed, dtype=torch.int64), p)
 
 
 def reference(input, bias, seed, p):
@@ -47,7 +47,7 @@ def test_mask_is_hash_dropouts_and_threads_do_not_change_it():
     """The same seed drops the same elements as ``hash_dropout`` (so the layers compute what they
     did unfused), and one thread computes what two do."""
     x, bias = torch.randn(3, 70_000, 64), torch.randn(64)
-    expected = torch.ops.deformable_attention.hash_dropout(F.relu(x + bias), torch.tensor(42), 0.1)
+    expected = torch.ops.hash_dropout.dropout(F.relu(x + bias), torch.tensor(42), 0.1)
     assert torch.equal(fused(x, bias, 42, 0.1), expected)
     threads = torch.get_num_threads()
     try:
@@ -68,8 +68,8 @@ def test_backward_passes_the_gradient_where_the_output_is_positive():
     # as torch.relu and threshold_backward: a NaN stays NaN (when kept) and passes its gradient
     kept_nan = torch.isnan(out)
     expected[kept_nan] = grad[kept_nan] * (1 / 0.75)
-    assert torch.equal(torch.ops.deformable_attention.hash_dropout_relu_backward(grad, out, 0.25), expected)
-    relu_then_drop = torch.ops.deformable_attention.hash_dropout(F.relu(x), torch.tensor(7), 0.25)
+    assert torch.equal(torch.ops.hash_dropout.relu_dropout_backward(grad, out, 0.25), expected)
+    relu_then_drop = torch.ops.hash_dropout.dropout(F.relu(x), torch.tensor(7), 0.25)
     torch.testing.assert_close(out, relu_then_drop, rtol=0, atol=0, equal_nan=True)
 
 
@@ -87,7 +87,7 @@ def test_edge_cases_and_errors():
     with pytest.raises(RuntimeError, match="bias dtype"):
         fused(x, torch.zeros(8, dtype=torch.float64), 3, 0.5)
     with pytest.raises(RuntimeError, match="does not match"):
-        torch.ops.deformable_attention.hash_dropout_relu_backward(x, x[:, :4], 0.5)
+        torch.ops.hash_dropout.relu_dropout_backward(x, x[:, :4], 0.5)
 
 
 @requires_kernel

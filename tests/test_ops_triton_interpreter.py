@@ -20,6 +20,7 @@ def interpreter_environment():
     return environment
 
 
+@pytest.mark.slow
 def test_triton_kernels_in_the_interpreter():
     pytest.importorskip("triton")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",

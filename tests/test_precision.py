@@ -116,6 +116,7 @@ def test_unknown_values_are_refused_by_the_settings():
     assert TrainerSettings().fp32_precision is None
 
 
+@pytest.mark.slow
 def test_train_refuses_tf32_on_the_cpu_before_building_anything(tmp_path):
     result = run_tool("train", "experiment=tiny_test", "device=cpu", "trainer.fp32_precision=tf32", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr[-3000:]
@@ -123,6 +124,7 @@ def test_train_refuses_tf32_on_the_cpu_before_building_anything(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "train.log").exists()
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_tf32_on_the_cpu(tmp_path):
     result = run_tool("benchmark", "experiment=tiny_test", "device=cpu", "measure=[training]", "precisions=[fp32,tf32]",
                       f"hydra.run.dir={tmp_path}")
@@ -130,6 +132,7 @@ def test_benchmark_refuses_tf32_on_the_cpu(tmp_path):
     assert "precisions: ['tf32'] not on cpu (bf32 is for CPUs, tf32 for CUDA GPUs)" in result.stderr and not (tmp_path / "benchmark.json").exists()
 
 
+@pytest.mark.slow
 def test_a_run_trains_with_bfloat16_products_and_says_so(tmp_path):
     run = tmp_path / "run"
     result = run_tool("train", *tiny(run, str(tmp_path / "data"), "trainer.epochs=1", "trainer.fp32_precision=bf16"))

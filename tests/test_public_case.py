@@ -24,6 +24,7 @@ def matched_fraction(reference, candidate):
     return hits / len(reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_public_case_matches_the_official_detections(tmp_path, compiled):
     """compiled: the same through torch.compile's generated code (inductor, dynamic sizes)."""
@@ -51,6 +52,7 @@ def test_public_case_matches_the_official_detections(tmp_path, compiled):
     assert metrics["dataset"] == {"annotations": os.path.join(PUBLIC_CASE, "minicoco", "annotations", "instances_val2017.json"), "images": 2}
 
 
+@pytest.mark.slow
 def test_official_files_need_no_experiment_flag(tmp_path):
     checkpoint = public_case_checkpoint(str(tmp_path / "single_scale.pth"))
     result = run_tool(

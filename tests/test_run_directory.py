@@ -25,7 +25,8 @@ def assert_one_error_line(result, expected):
     assert result.stderr.rstrip().endswith("; choose another run directory with hydra.run.dir=DIR")
 
 
-@pytest.mark.parametrize("tool", sorted(TOOL_ARGUMENTS))
+# each a fresh interpreter: train's in the quick tier, the other tools' slow
+@pytest.mark.parametrize("tool", [t if t == "train" else pytest.param(t, marks=pytest.mark.slow) for t in sorted(TOOL_ARGUMENTS)])
 def test_a_file_where_the_run_directory_should_go(tmp_path, tool):
     (tmp_path / "file.txt").write_text("not a directory")
     run = tmp_path / "file.txt" / "run"
@@ -52,6 +53,7 @@ def read_only_bind_mount(source, target):
         subprocess.run(["umount", str(target)], check=False)
 
 
+@pytest.mark.slow
 def test_a_read_only_mount(tmp_path):
     (tmp_path / "source" / "existing").mkdir(parents=True)
     with read_only_bind_mount(tmp_path / "source", tmp_path / "mounted") as mounted:
@@ -61,6 +63,7 @@ def test_a_read_only_mount(tmp_path):
         assert unwritable_because(str(mounted / "existing")) == f"cannot be written: {mounted / 'existing'} is not writable (Read-only file system)"
 
 
+@pytest.mark.slow
 def test_an_immutable_directory(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -91,6 +91,7 @@ def _ensure(args):
     return ensure_synthetic_dataset(root, config)
 
 
+@pytest.mark.multiprocess
 def test_concurrent_callers_share_one_generation(tmp_path):
     root = str(tmp_path / "synthetic")
     with multiprocessing.get_context("spawn").Pool(2) as pool:

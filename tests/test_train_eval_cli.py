@@ -1,19 +1,12 @@
 """tools/train.py and tools/eval.py end to end on the tiny synthetic set."""
 import json
 import os
-import shutil
-import sys
 
 import pytest
 import torch
 
-from cli import assert_ok, run_tool, tiny
+from cli import assert_ok, run_tool, tiny, torchrun
 from deformable_detr.evaluation.coco_evaluator import STAT_NAMES
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("synthetic") / "data")
 
 
 def stats_of(metrics):
@@ -21,6 +14,7 @@ def stats_of(metrics):
     return {name: metrics[name] for name in STAT_NAMES}
 
 
+@pytest.mark.slow
 def test_train_then_evaluate(tmp_path, data_root):
     run = tmp_path / "train"
     assert_ok(run_tool("train", *tiny(run, data_root, "trainer.keep_every=1")))
@@ -49,6 +43,7 @@ def test_train_then_evaluate(tmp_path, data_root):
     assert all({"id", "name", "instances", "AP", "AP50", "AP75"} <= set(row) for row in evaluated["per_category"])
 
 
+@pytest.mark.slow
 def test_run_finished_is_not_retrained(tmp_path, data_root):
     run = tmp_path / "train"
     assert_ok(run_tool("train", *tiny(run, data_root, "trainer.epochs=1")))
@@ -57,6 +52,7 @@ def test_run_finished_is_not_retrained(tmp_path, data_root):
     assert "already finished" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_window", [0, 4])
 def test_stopping_and_resuming_is_bit_identical(tmp_path, data_root, group_window):
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -81,6 +77,7 @@ def test_stopping_and_resuming_is_bit_identical(tmp_path, data_root, group_windo
     assert a["scheduler"] == b["scheduler"]
 
 
+@pytest.mark.slow
 def test_init_weights_fine_tunes_from_another_class_count(tmp_path, data_root):
     source = tmp_path / "source"
     assert_ok(run_tool("train", *tiny(source, data_root, "trainer.epochs=1", "dataset.num_classes=30")))
@@ -92,6 +89,7 @@ def test_init_weights_fine_tunes_from_another_class_count(tmp_path, data_root):
     assert "6 of the dataset's 6 categories start from the checkpoint's category of the same name" in result.stdout
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model(tmp_path, data_root):
     run = tmp_path / "run"
     assert_ok(run_tool("train", *tiny(run, data_root, "trainer.epochs=2", "trainer.max_steps=2")))
@@ -100,14 +98,13 @@ def test_resume_refuses_another_model(tmp_path, data_root):
     assert "resume with the run's original config" in result.stdout + result.stderr
 
 
-TORCHRUN_MISSING = shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun"))
-
-
-@pytest.mark.skipif(TORCHRUN_MISSING, reason="torchrun not installed")
-def test_two_process_gloo_run(tmp_path, data_root):
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_gloo_run(tmp_path, tmp_path_factory):
     run = tmp_path / "ddp"
-    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    result = run_tool("train", *tiny(run, data_root, "trainer.epochs=1", "dataset.synthetic.num_val_images=5"), launcher=torchrun, timeout=900)
+    # 5 val images (the shared data_root has 4): a set of its own, outside tmp_path
+    data_root = str(tmp_path_factory.mktemp("synthetic_5_val") / "data")
+    result = run_tool("train", *tiny(run, data_root, "trainer.epochs=1", "dataset.synthetic.num_val_images=5"), launcher=torchrun(2), timeout=900)
     assert_ok(result)
     assert sorted(p for p in os.listdir(run) if p.endswith(".pth")) == ["checkpoint_best.pth", "checkpoint_last.pth"]
     assert len(os.listdir(tmp_path)) == 1  # one run directory for both ranks
@@ -121,7 +118,7 @@ def test_two_process_gloo_run(tmp_path, data_root):
     assert {p["image_id"] for p in predictions} <= set(range(1, 6))
 
     evaluation = tmp_path / "ddp_eval"
-    result = run_tool("eval", f"checkpoint={run / 'checkpoint_last.pth'}", f"hydra.run.dir={evaluation}", "device=cpu", launcher=torchrun, timeout=600)
+    result = run_tool("eval", f"checkpoint={run / 'checkpoint_last.pth'}", f"hydra.run.dir={evaluation}", "device=cpu", launcher=torchrun(2), timeout=600)
     assert_ok(result)
     assert "COCO box evaluation on 5 images" in result.stdout
     assert stats_of(json.loads((evaluation / "metrics.json").read_text())) == stats_of(json.loads((run / "metrics.json").read_text()))

@@ -10,14 +10,7 @@ import sys
 import pytest
 import torch
 
-from cli import ROOT, assert_ok, run_tool, signal_tool, tiny, to_group
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("synthetic") / "data")
+from cli import ROOT, assert_ok, run_tool, signal_tool, tiny, to_group, torchrun
 
 
 def one_line_error(result, *fragments):
@@ -29,6 +22,7 @@ def one_line_error(result, *fragments):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_ema_resume_is_bit_identical_and_best_is_a_release_file(tmp_path, data_root):
     whole, split = tmp_path / "whole", tmp_path / "split"
     common = ["trainer.epochs=2", "trainer.ema_decay=0.9", "dataset.num_workers=0"]
@@ -59,6 +53,7 @@ def test_ema_resume_is_bit_identical_and_best_is_a_release_file(tmp_path, data_r
     assert json.loads((evaluation / "metrics.json").read_text())["AP"] == pytest.approx(max(h["val_AP"] for h in history if "val_AP" in h))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_never_restart_a_run_silently(tmp_path, data_root):
     run = tmp_path / "run"
     assert_ok(run_tool("train", *tiny(run, data_root, "trainer.epochs=1")))
@@ -73,6 +68,7 @@ def test_damaged_checkpoints_never_restart_a_run_silently(tmp_path, data_root):
     assert (run / "checkpoint_best.pth").read_bytes() == best_before
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_locked_directory_stops_at_once(tmp_path, data_root):
     run = tmp_path / "run"
     run.mkdir()
@@ -90,9 +86,11 @@ def test_a_second_run_into_a_locked_directory_stops_at_once(tmp_path, data_root)
     assert not (run / "checkpoint_last.pth").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_two_process_run_continues_exactly_on_one_process(tmp_path, data_root):
     run = tmp_path / "run"
-    launcher = TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
+    launcher = torchrun(2)
     assert_ok(run_tool("train", *tiny(run, data_root, "trainer.max_steps=1", "trainer.epochs=2"), launcher=launcher, timeout=900))
     stopped = torch.load(run / "checkpoint_last.pth", weights_only=True)
     assert (stopped["world_size"], stopped["epoch_step"], stopped["step"]) == (2, 1, 1)
@@ -106,10 +104,12 @@ def test_a_two_process_run_continues_exactly_on_one_process(tmp_path, data_root)
     assert finished["scheduler"]["last_epoch"] == 8
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_an_elastic_restart_resumes_from_the_last_checkpoint(tmp_path, data_root):
     run, marker = tmp_path / "run", tmp_path / "failed-once"
-    command = TORCHRUN + ["--standalone", "--nproc_per_node", "1", "--max-restarts", "1", os.path.join(ROOT, "tests", "elastic_train.py"),
-                          f"hydra.searchpath=[file://{ROOT}/tests/configs]", *tiny(run, data_root, "trainer.checkpoint_every_steps=2")]
+    command = torchrun(1, "--max-restarts", "1") + [os.path.join(ROOT, "tests", "elastic_train.py"),
+                                                   f"hydra.searchpath=[file://{ROOT}/tests/configs]", *tiny(run, data_root, "trainer.checkpoint_every_steps=2")]
     environment = dict(os.environ, OMP_NUM_THREADS="1", DDETR_FAIL_AT_STEP="3", DDETR_FAIL_MARKER=str(marker), PYTHONUNBUFFERED="1",
                        PYTHONPATH=os.path.join(ROOT, "tools"))
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=environment)
@@ -120,9 +120,11 @@ def test_an_elastic_restart_resumes_from_the_last_checkpoint(tmp_path, data_root
     assert (finished["epoch"], finished["step"]) == (2, 8)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ema_and_accumulation_under_two_processes(tmp_path, data_root):
     run = tmp_path / "run"
-    launcher = TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
+    launcher = torchrun(2)
     result = run_tool("train", *tiny(run, data_root, "trainer.epochs=1", "trainer.ema_decay=0.9", "trainer.accumulate_steps=2",
                                      "dataset.batch_size=1"), launcher=launcher, timeout=900)
     assert_ok(result)
@@ -133,6 +135,7 @@ def test_ema_and_accumulation_under_two_processes(tmp_path, data_root):
     assert any(not torch.equal(state["ema"]["model"][k], state["model"][k]) for k in state["model"] if state["model"][k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_signal_to_the_process_group_stops_with_a_checkpoint_and_its_exit_status(tmp_path, data_root):
     run = tmp_path / "run"
     common = ["trainer.epochs=3", "trainer.eval_every=10", "dataset.num_workers=2"]
@@ -161,10 +164,12 @@ def rank_processes(launcher):
     return [pid for pid in children if "train.py" in open(f"/proc/{pid}/cmdline").read()]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_torchrun_ranks_stop_together_with_a_checkpoint(tmp_path, data_root):
     run = tmp_path / "run"
     common = ["trainer.epochs=4", "trainer.eval_every=10", "dataset.num_workers=2"]
-    launcher = TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
+    launcher = torchrun(2)
     # preemption: SIGTERM to torchrun's group; its agent passes it on to each rank's group, data-loader workers included
     result = signal_tool("train", tiny(run, data_root, *common), to_group(signal.SIGTERM), after="[epoch 1] 1/2", launcher=launcher)
     assert "stopped on SIGTERM (exit status 143)" in result.stdout and "killed by signal" not in result.stdout, result.stdout[-3000:]

@@ -61,6 +61,7 @@ def test_workers_drop_stop_signals_from_others_but_end_on_their_parents():
     del iterator
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("end", ["exit", "kill"])
 def test_workers_end_with_the_main_process(tmp_path, end):
     """``exit``: the interpreter exits with an iterator still alive (multiprocessing then terminates

@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine.checkpoint import find_resume, load_resumable, refuse_to_overwrite, remove_stale_temporaries
-from ..engine.precision import check_fp32_precision, set_fp32_precision
+from ..engine.precision import check_fp32_precision, resolve_amp, set_fp32_precision
 from ..engine.stop_request import stop_exit_status
-from ..engine.trainer import Trainer, TrainingData, TrainingParts, resolve_amp
+from ..engine.trainer import Trainer, TrainingData, TrainingParts
 from ..inference.checkpoint_recipe import class_rows_by_name
 from ..models.weights import load_weights, read_checkpoint
 from ..utils import distributed

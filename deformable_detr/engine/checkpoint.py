@@ -14,13 +14,14 @@ import glob
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..data.category_diff import category_differences
 from ..errors import CheckpointError, DiskFullError
-from ..models.weights import read_checkpoint
+from ..models.weights import Recipe, read_checkpoint
+from ..utils.atomic_files import replace_atomically, umask_permissions
 from ..utils.disk_space import disk_full_errno, format_bytes, free_bytes
 
 logger = logging.getLogger(__name__)
@@ -36,12 +37,6 @@ RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_step", "world_s
                "stopped_early")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_atomic(state: Dict[str, Any], path: str, last_good: Optional[str] = None) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over ``path``,
     so ``path`` always holds either the previous or the new complete checkpoint. The finished
@@ -51,20 +46,10 @@ def save_atomic(state: Dict[str, Any], path: str, last_good: Optional[str] = Non
     the checkpoint that stays usable: ``last_good`` (default: the previous ``path``, if any). The
     temporary file is removed whatever went wrong.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pth", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        replace_atomically(path, lambda stream: torch.save(state, stream), binary=True, prefix=TEMP_PREFIX, suffix=".pth",
+                           permissions=umask_permissions())
     except BaseException as error:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         code = disk_full_errno(error) if isinstance(error, Exception) else None
         if code is None:
             raise
@@ -135,6 +120,27 @@ def load_resumable(path: str) -> Dict[str, Any]:
             "to start a new run from its weights use init_weights=PATH"
         )
     return checkpoint
+
+
+def check_same_run(checkpoint: Dict[str, Any], recipe: Recipe, categories: Optional[List[Dict[str, Any]]]) -> None:
+    """A CheckpointError unless ``checkpoint`` (with its ``path``) can continue a run that builds
+    ``recipe`` on a dataset of ``categories`` (``[{id, name}]``; None: not checked)."""
+    path = checkpoint.get("path", "the checkpoint")
+    saved_categories = checkpoint.get("categories")
+    differences = category_differences(saved_categories, categories, names=("checkpoint", "run's dataset")) \
+        if saved_categories is not None and categories is not None else []
+    if differences:
+        raise CheckpointError(
+            f"resume={path} was trained on other categories than this run's dataset: {'; '.join(differences)}. "
+            f"Resume with the dataset it was trained on, or start a new run from its weights with init_weights={path}"
+        )
+    saved = Recipe(**checkpoint.get("recipe", {}))
+    if checkpoint.get("recipe") and saved != recipe:
+        raise CheckpointError(
+            f"resume={path} was trained as {saved.name()} ({saved.describe()}, {saved.num_classes} classes) "
+            f"but this run builds {recipe.name()} ({recipe.describe()}, {recipe.num_classes} classes); "
+            "resume with the run's original config or start a new run directory"
+        )
 
 
 def remove_stale_temporaries(run_dir: str) -> List[Tuple[str, int]]:

@@ -1,4 +1,4 @@
-"""Precision: the ``amp`` setting of train/eval/infer (autocast, float32 outputs), and how
+"""Precision: the ``amp`` setting of train/eval/infer (resolved, autocast, float32 outputs), and how
 float32 matrix products and convolutions compute (``trainer.fp32_precision``)."""
 import contextlib
 import logging
@@ -25,6 +25,23 @@ def cpu_has_native_bf16() -> bool:
         return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
     except RuntimeError:
         return False
+
+
+def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[str]:
+    """``amp="auto"``: bf16 on a GPU that supports it or a CPU with native bfloat16 instructions
+    (elsewhere bf16 is emulated, slower than float32), otherwise None. Other values unchanged."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else None
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def warn_if_amp_is_emulated(amp: Optional[str], device: torch.device, key: str = "trainer.amp") -> None:
+    """A warning when ``amp`` is bf16 on a CPU that only emulates bfloat16, slower than float32."""
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("%s=bf16 on a CPU without native bfloat16 instructions is emulated and slow; "
+                       "%s=null is faster here", key, key)
 
 
 def check_fp32_precision(precision: Optional[str], device: torch.device, key: str = "trainer.fp32_precision") -> None:

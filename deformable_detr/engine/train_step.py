@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import re
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -168,6 +168,17 @@ def _add(summed: Dict[str, torch.Tensor], losses: Dict[str, torch.Tensor], total
     for name, value in list(losses.items()) + [("loss", total)]:
         value = value.detach() if name.startswith("loss") else value.detach() / count
         summed[name] = summed[name] + value if name in summed else value
+
+
+def optimizer_step_batches(batches: Iterable[Batch], accumulate: int) -> Iterator[List[Batch]]:
+    """The micro-batches of each optimizer step: consecutive lists of ``accumulate`` batches (a
+    shorter last one is dropped, as an epoch counts whole optimizer steps)."""
+    group: List[Batch] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accumulate:
+            yield group
+            group = []
 
 
 def clip_gradients(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:

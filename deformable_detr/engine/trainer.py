@@ -1,30 +1,25 @@
 """A training run: epochs of training, periodic evaluation, checkpoints, exact resume, clean stops."""
+import contextlib
 import dataclasses
-import json
 import logging
-import math
-import os
 import time
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..errors import CheckpointError, ConfigError
-from ..data.category_diff import category_differences
-from ..evaluation.coco_evaluator import write_json_atomic
-from ..models.weights import Recipe, recipe_of_model
+from ..errors import ConfigError
+from ..models.weights import recipe_of_model
 from ..utils import distributed
-from ..utils.box_ops import box_cxcywh_to_xyxy
-from ..visualization import denormalize, draw_detections, sampling_snapshot
-from .checkpoint import CheckpointKeeper
-from .compilation import check_compiler, compile_detector, compiled_graphs
+from .checkpoint import CheckpointKeeper, check_same_run
+from .compilation import check_compiler, compile_detector
 from .evaluate_loop import evaluate
-from .precision import FP32_PRECISIONS, cpu_has_native_bf16
-from .progress import TrainingProgress
+from .precision import FP32_PRECISIONS, warn_if_amp_is_emulated
+from .reporter import Reporter
+from .resume_layout import ProcessLayout, continued_epoch_step
 from .rng import rng_state, set_rng_state
 from .stop_request import StopRequest, describe_signal
-from .train_step import TrainStep, skip_schedule_step
+from .train_step import TrainStep, optimizer_step_batches, skip_schedule_step
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +31,7 @@ class TrainerSettings:
     """How a run trains (the recipe's model, data and optimizer live elsewhere).
 
     epochs: epochs in total. clip_max_norm: gradient clipping (0: off). amp: None, "bf16", "fp16" or
-    "auto" (bf16 where the device computes it natively, else None; see ``resolve_amp``).
+    "auto" (bf16 where the device computes it natively, else None; see ``precision.resolve_amp``).
     eval_every: evaluate every this many epochs (and after the last). checkpoint_every_steps:
     also checkpoint within epochs (0: only at epoch ends). keep_every: keep a copy every this many
     epochs (0: only last and best). log_every: steps between progress lines. max_steps: stop with
@@ -96,26 +91,6 @@ class TrainerSettings:
             raise ConfigError(f"trainer.fp32_precision={self.fp32_precision} is not one of null, ieee, tf32 (CUDA), bf16 (CPU)")
 
 
-def _groups(iterable, size: int):
-    """Consecutive lists of ``size`` items (a shorter last one is dropped)."""
-    group = []
-    for item in iterable:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-
-
-def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[str]:
-    """``amp="auto"``: bf16 on a GPU that supports it or a CPU with native bfloat16 instructions
-    (elsewhere bf16 is emulated, slower than float32), otherwise None. Other values unchanged."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else None
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else None
-
-
 @dataclasses.dataclass
 class TrainingParts:
     """What a run optimizes: ``model`` (the detector, unwrapped), ``train_model`` (the module to
@@ -146,7 +121,8 @@ class Trainer:
     """Owns the state of a run and everything needed to continue it as if never stopped.
 
     The trainer alone counts steps (``epoch``, ``epoch_step``, ``step``) and decides when to
-    evaluate, checkpoint and stop; ``TrainStep`` trains on one batch per call.
+    evaluate, checkpoint and stop; ``TrainStep`` trains on one batch per call and the ``Reporter``
+    reports what happened.
 
     Args:
         parts, data, settings: what is trained, on what, and how.
@@ -160,15 +136,15 @@ class Trainer:
                  writer=None, extra_state: Optional[Dict[str, Any]] = None, seed: int = 0):
         self.model = parts.model
         self.train_model = parts.train_model or parts.model
-        self.criterion, self.postprocess = parts.criterion, parts.postprocess
+        self.postprocess = parts.postprocess
         self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
         self.train_loader, self.val_loader, self.val_coco = data.train_loader, data.val_loader, data.val_coco
         self.device = device
-        self.run_dir = run_dir
         self.settings = settings
-        self.writer = writer
         self.extra_state = dict(extra_state or {})
         self.seed = seed
+        # the architecture stays as built for the whole run: stamped in every checkpoint, checked on resume
+        self.recipe = recipe_of_model(self.model)
         self.keeper = CheckpointKeeper(run_dir, settings.keep_every)
         self.accumulate = settings.accumulate_steps
         self.steps_per_epoch = len(self.train_loader) // self.accumulate
@@ -185,9 +161,7 @@ class Trainer:
         self.stopped_early = False
         # the signal that stopped the run (agreed by all ranks); None when it finished or stopped as asked (max_steps)
         self.stop_signal: Optional[int] = None
-        if settings.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-            logger.warning("trainer.amp=bf16 on a CPU without native bfloat16 instructions is emulated and slow; "
-                           "trainer.amp=null is faster here")
+        warn_if_amp_is_emulated(settings.amp, device)
         self.history: List[Dict[str, Any]] = []
         self.last_evaluation = None
         self.ema = None
@@ -195,21 +169,21 @@ class Trainer:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
             logger.info("keeping an EMA of the weights (decay %g); evaluations use it", settings.ema_decay)
         # the weights evaluations use (the EMA's when kept), through their own compiled wrapper
-        self.evaluation_model = self.ema.module if self.ema is not None else self.model
-        self.first_step_reported = False
+        evaluated_weights = self.ema.module if self.ema is not None else self.model
+        self.evaluation_model = evaluated_weights
         if settings.compile:
             check_compiler(device, "trainer.compile")
             self.train_model = compile_detector(self.train_model)
             self.evaluation_model = compile_detector(self.evaluation_model)
             logger.info("trainer.compile: training and evaluating through torch.compile (the first step and "
                         "evaluation compile; image sizes are dynamic)")
+        self.reporter = Reporter(run_dir, settings, data, steps_per_epoch=self.steps_per_epoch, optimizer=self.optimizer,
+                                 criterion=parts.criterion, weights=evaluated_weights, ema=self.ema is not None, device=device, writer=writer)
         self.train_step = TrainStep(
-            self.train_model, self.criterion, self.optimizer, self.scheduler, device, amp=settings.amp, scaler=self.scaler,
+            self.train_model, parts.criterion, self.optimizer, self.scheduler, device, amp=settings.amp, scaler=self.scaler,
             max_norm=settings.clip_max_norm, ema=self.ema, max_nonfinite_steps=settings.max_nonfinite_steps,
-            describe_images=self._describe_images,
+            describe_images=self.reporter.describe_images,
         )
-        self.progress = TrainingProgress(settings.epochs * self.steps_per_epoch, self.steps_per_epoch,
-                                         log_every=settings.log_every, writer=writer, device=device)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -226,7 +200,7 @@ class Trainer:
             "world_size": distributed.get_world_size(),
             "batch_size": self.batch_size,
             "rng": rng,
-            "recipe": dataclasses.asdict(recipe_of_model(self.model)),
+            "recipe": dataclasses.asdict(self.recipe),
             "best": self.best,
             "evaluations_without_improvement": self.evaluations_without_improvement,
             "stopped_early": self.stopped_early,
@@ -237,21 +211,7 @@ class Trainer:
     def load_state_dict(self, checkpoint: Dict[str, Any]) -> None:
         """Restore a run from ``checkpoint`` (see ``checkpoint.load_resumable``)."""
         path = checkpoint.get("path", "the checkpoint")
-        saved_categories, categories = checkpoint.get("categories"), self.extra_state.get("categories")
-        differences = category_differences(saved_categories, categories, names=("checkpoint", "run's dataset")) \
-            if saved_categories is not None and categories is not None else []
-        if differences:
-            raise CheckpointError(
-                f"resume={path} was trained on other categories than this run's dataset: {'; '.join(differences)}. "
-                f"Resume with the dataset it was trained on, or start a new run from its weights with init_weights={path}"
-            )
-        saved, current = Recipe(**checkpoint.get("recipe", {})), recipe_of_model(self.model)
-        if checkpoint.get("recipe") and saved != current:
-            raise CheckpointError(
-                f"resume={path} was trained as {saved.name()} ({saved.describe()}, {saved.num_classes} classes) "
-                f"but this run builds {current.name()} ({current.describe()}, {current.num_classes} classes); "
-                "resume with the run's original config or start a new run directory"
-            )
+        check_same_run(checkpoint, self.recipe, self.extra_state.get("categories"))
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -268,9 +228,11 @@ class Trainer:
         self.best, self.history = checkpoint.get("best"), list(checkpoint.get("history", []))
         self.evaluations_without_improvement = int(checkpoint.get("evaluations_without_improvement", 0))
         self.stopped_early = bool(checkpoint.get("stopped_early", False))
-        world, batch = distributed.get_world_size(), self.batch_size
-        if (checkpoint.get("world_size", world), checkpoint.get("batch_size", batch)) != (world, batch):
-            self._continue_with_another_layout(checkpoint, path)
+        world = distributed.get_world_size()
+        current = ProcessLayout(world, self.batch_size)
+        saved = ProcessLayout(checkpoint.get("world_size", world), checkpoint.get("batch_size", self.batch_size))
+        if saved != current:
+            self._continue_in_layout(saved, current, path)
         rng = checkpoint.get("rng") or []
         if len(rng) == world:
             set_rng_state(rng[distributed.get_rank()])
@@ -279,22 +241,9 @@ class Trainer:
         logger.info("resumed from %s at epoch %d, step %d of %d in the epoch (%d steps in total)",
                     path, self.epoch, self.epoch_step, self.steps_per_epoch, self.step)
 
-    def _continue_with_another_layout(self, checkpoint: Dict[str, Any], path: str) -> None:
-        """Resume a run written by another number of processes or batch size: the epoch continues
-        after exactly the images already seen (the sampler deals one permutation round-robin, so
-        those are its first ``epoch_step * batch * world`` positions), which is only possible when
-        this layout's images per step divide that count. The schedule is renumbered in steps."""
-        old_world, old_batch = checkpoint.get("world_size", 1), checkpoint.get("batch_size", self.batch_size)
-        world, batch = distributed.get_world_size(), self.batch_size
-        seen = self.epoch_step * old_batch * old_world
-        if seen % (batch * world):
-            raise CheckpointError(
-                f"resume={path} stopped after {seen} images of epoch {self.epoch} with {old_world} process(es) x batch {old_batch}; "
-                f"{world} process(es) x batch {batch} cannot continue that epoch without skipping or repeating images: "
-                f"resume with {old_world} process(es) and dataset.batch_size={old_batch // self.accumulate} "
-                "(trainer.accumulate_steps as before), or from a checkpoint written at the end of an epoch"
-            )
-        self.epoch_step = seen // (batch * world)
+    def _continue_in_layout(self, saved: ProcessLayout, current: ProcessLayout, path: str) -> None:
+        """Continue the epoch a run of another layout stopped in (see ``resume_layout``), renumbered in this layout's steps."""
+        self.epoch_step = continued_epoch_step(self.epoch, self.epoch_step, saved, current, accumulate=self.accumulate, path=path)
         self.step = self.epoch * self.steps_per_epoch + self.epoch_step
         # the schedule is a function of the step; its lambdas were built for this layout's epochs
         self.scheduler.last_epoch = self.step - 1
@@ -302,7 +251,8 @@ class Trainer:
         logger.warning(
             "resuming with %d process(es) x batch %d instead of %d x %d: continuing epoch %d after the same %d images "
             "(step %d of %d); the run is renumbered to %d steps per epoch",
-            world, batch, old_world, old_batch, self.epoch, seen, self.epoch_step, self.steps_per_epoch, self.steps_per_epoch,
+            current.world_size, current.batch_size, saved.world_size, saved.batch_size, self.epoch,
+            self.epoch_step * current.images_per_step, self.epoch_step, self.steps_per_epoch, self.steps_per_epoch,
         )
 
     def save(self, *, finished_epoch: bool, is_best: bool = False) -> None:
@@ -322,7 +272,7 @@ class Trainer:
             logger.info("the run already finished (%s)", f"stopped early after epoch {self.epoch - 1}" if self.stopped_early
                         else f"its {settings.epochs} epochs")
             return self.last_stats()
-        with StopRequest() as stop:
+        with StopRequest() as stop, contextlib.closing(self.reporter):
             while self.epoch < settings.epochs:
                 if not self._train_epoch(stop):
                     self.save(finished_epoch=False)
@@ -391,39 +341,23 @@ class Trainer:
         """Train the rest of the current epoch; False when stopped before its end (with
         ``epoch_step`` the steps done in it)."""
         self._start_epoch()
-        self.progress.remaining_evaluations = self._evaluations_left()
-        epoch_start = time.perf_counter()
-        stopped = False
-        for micro_batches in _groups(self.train_loader, self.accumulate):
+        for micro_batches in optimizer_step_batches(self.train_loader, self.accumulate):
             step_start = time.perf_counter()
             result = self.train_step.accumulate(micro_batches)
-            if self.settings.compile and not self.first_step_reported:
-                self.first_step_reported = True
-                logger.info("first training step: %.1f s (compilation included)", time.perf_counter() - step_start)
             self.step += 1
             self.epoch_step += 1
-            self.progress.update(result, self.step, self.epoch_step, self.optimizer)
+            self.reporter.step(result, self.step, self.epoch_step, seconds=time.perf_counter() - step_start)
             if self.epoch_step == self.steps_per_epoch:
                 break  # fit() checkpoints the finished epoch and checks for stops
             if self._stop_due(stop):
-                stopped = True
                 break
             if self.settings.checkpoint_every_steps and self.step % self.settings.checkpoint_every_steps == 0:
                 self.save(finished_epoch=False)
-        averages = self.progress.end_epoch()
-        if self.settings.compile:
-            # a count that grows every epoch would mean recompiling for new image sizes
-            logger.info("torch.compile: %d graph(s) compiled so far", compiled_graphs())
-        if stopped or self.epoch_step < self.steps_per_epoch:
-            return False
-        skipped = getattr(self.train_loader.dataset, "skipped", None)
-        if skipped is not None and skipped.value:
-            logger.warning("%d unreadable training images skipped so far (see the warnings above)", skipped.value)
-        minutes = (time.perf_counter() - epoch_start) / 60
-        entry = {"epoch": self.epoch, "minutes": round(minutes, 3), **{f"train_{k}": v for k, v in averages.items()}}
-        self.history.append(entry)
-        self._log_json(entry)
-        return True
+        finished = self.epoch_step == self.steps_per_epoch
+        entry = self.reporter.end_epoch(self.epoch, finished)
+        if entry is not None:
+            self.history.append(entry)
+        return finished
 
     def _start_epoch(self) -> None:
         """Position the data at ``epoch_step`` of ``epoch``, exactly as an uninterrupted run would be."""
@@ -434,7 +368,7 @@ class Trainer:
         if getattr(loader, "generator", None) is not None:
             # worker seeds come from here; reseed so a resumed epoch draws the same ones
             loader.generator.manual_seed(self.seed + self.epoch)
-        self.progress.start_epoch(self.epoch, self.epoch_step)
+        self.reporter.start_epoch(self.epoch, self.epoch_step, self._evaluations_left())
 
     def _evaluation_due(self) -> bool:
         """After finishing an epoch (``epoch`` already counts it): evaluate now?"""
@@ -450,76 +384,17 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[Dict[str, float]]:
-        drawn: List = []
-
-        def on_batch(images, masks, targets, results):
-            if self.writer is None or len(drawn) >= self.settings.tensorboard_images:
-                return
-            for image, mask, target, result in zip(images, masks, targets, results):
-                if len(drawn) < self.settings.tensorboard_images:
-                    drawn.append((image.cpu(), mask.cpu(), {k: v.cpu() for k, v in target.items()}, {k: v.cpu() for k, v in result.items()}))
-
-        started = time.perf_counter()
-        evaluation = evaluate(self.evaluation_model, self.postprocess, self.val_loader, self.val_coco, self.device, amp=self.settings.amp, on_batch=on_batch)
-        self.progress.evaluation_seconds = time.perf_counter() - started
+        """Evaluate the epoch just finished (``epoch - 1``); its COCO stats on the main process, None elsewhere."""
+        on_batch = self.reporter.start_evaluation()
+        evaluation = evaluate(self.evaluation_model, self.postprocess, self.val_loader, self.val_coco, self.device,
+                              amp=self.settings.amp, on_batch=on_batch)
+        entry = self.reporter.evaluation(evaluation, self.epoch - 1, self.step)
         if evaluation is None:
             return None
         self.last_evaluation = evaluation
-        precision = self.settings.amp or "float32"
-        weights = "EMA weights" if self.ema is not None else "weights"
-        logger.info("evaluation after epoch %d (%s, %s):\n%s", self.epoch - 1, weights, precision, evaluation.table)
-        entry = {"epoch": self.epoch - 1, **{f"val_{k}": v for k, v in evaluation.stats.items()}}
         if self.history and self.history[-1].get("epoch") == self.epoch - 1:
             self.history[-1].update(entry)
-        self._log_json(entry)
-        # what was measured, as tools/eval.py records it
-        dataset = getattr(self.val_loader, "dataset", None)
-        measured = {"training": {"epoch": self.epoch - 1, "step": self.step, "ema": self.ema is not None}, "precision": precision}
-        if hasattr(dataset, "annotation_file"):
-            measured["dataset"] = {"annotations": os.path.abspath(dataset.annotation_file), "images": len(dataset)}
-        write_json_atomic(os.path.join(self.run_dir, "metrics.json"), dict(evaluation.metrics(), **measured))
-        write_json_atomic(os.path.join(self.run_dir, "predictions.json"), evaluation.predictions)
-        if self.writer is not None:
-            for name, value in evaluation.stats.items():
-                self.writer.add_scalar(f"val/{name}", value, self.step)
-            for row in evaluation.category_stats:
-                self.writer.add_scalar(f"val_per_category/{row['name']}", row["AP"], self.step)
-            for index, (image, mask, target, result) in enumerate(drawn):
-                self._draw(index, image, mask, target, result)
-            self.writer.flush()
         return evaluation.stats
 
     def last_stats(self) -> Optional[Dict[str, float]]:
         return self.last_evaluation.stats if self.last_evaluation is not None else None
-
-    def _draw(self, index, image, mask, target, result):
-        """The unpadded image with the ground truth and the predictions above ``score_threshold``,
-        labelled by category; for the first image also the sampling points of its best query."""
-        picture = denormalize(image, mask)  # (3, h, w) in [0, 1]
-        h, w = picture.shape[-2:]
-        orig_h, orig_w = target["orig_size"].tolist()
-        keep = result["scores"] > self.settings.score_threshold
-        boxes = result["boxes"][keep] * torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
-        truth = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h])  # targets: cxcywh fractions
-        names = {c["id"]: c["name"] for c in self.val_coco.loadCats(self.val_coco.getCatIds())}
-        # targets carry the model's logit indices, predictions category ids
-        layout = getattr(self.val_loader.dataset, "layout", None)
-        truth_labels = layout.ids_of(target["labels"]) if layout is not None else target["labels"]
-        drawn = draw_detections(picture, boxes, result["labels"][keep], result["scores"][keep], names,
-                                gt_boxes=truth, gt_labels=truth_labels)
-        self.writer.add_image(f"val/predictions_{index}", drawn, self.step)
-        if index == 0:
-            model = self.ema.module if self.ema is not None else self.model
-            logit_names = names if layout is None else {layout.logit_index(i): n for i, n in names.items() if layout.logit_index(i) is not None}
-            self.writer.add_image("val/sampling_points_0", sampling_snapshot(model, image, mask, names=logit_names), self.step)
-
-    def _describe_images(self, image_ids: List[int]) -> str:
-        coco = getattr(self.train_loader.dataset, "coco", None)
-        if coco is None:
-            return ", ".join(map(str, image_ids))
-        return ", ".join(f"{i} ({coco.imgs[i]['file_name']})" if i in coco.imgs else str(i) for i in image_ids)
-
-    def _log_json(self, entry: Dict[str, Any]) -> None:
-        if distributed.is_main_process():
-            with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in entry.items()}) + "\n")

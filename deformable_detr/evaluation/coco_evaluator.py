@@ -4,9 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -15,6 +12,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from deformable_detr.utils.atomic_files import write_json_atomic  # re-exported: the tools write their JSON through it
 from deformable_detr.utils.box_ops import box_xyxy_to_xywh
 from deformable_detr.utils.distributed import all_gather_object, is_main_process
 
@@ -271,25 +269,3 @@ class CocoEvaluator:
             return None
         return evaluate_coco(self.coco_gt, predictions, image_ids)
 
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``.
-
-    Readers see either the previous file or the complete new one, never a partial write.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        # mkstemp creates the file private to its owner; predictions are ordinary output.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise

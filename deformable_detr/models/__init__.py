@@ -8,7 +8,8 @@ from .detector import MLP, DeformableDETR
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .postprocess import PostProcess
-from .sampling_recorder import SamplingRecord, record_sampling
+from .sampling_record import SamplingRecord
+from .sampling_recorder import record_sampling
 
 __all__ = [
     "Backbone",

@@ -11,7 +11,7 @@ from torch import nn
 
 import deformable_detr_ops
 
-from ..utils.box_ops import inverse_sigmoid
+from .box_refinement import refine_boxes
 from .deformable_attention import MSDeformAttn
 from .dropout import Dropout, feed_forward_hidden
 
@@ -37,6 +37,7 @@ class DeformableDecoderLayer(nn.Module):
         """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2|4); memory (N, S, C) -> (N, Q, C)."""
         q = tgt + query_pos
         tgt2 = self.query_self_attention(q, tgt)
+        # norm2 before norm1: the official checkpoint names the self-attention's norm norm2 and the cross-attention's norm1
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
@@ -46,11 +47,9 @@ class DeformableDecoderLayer(nn.Module):
     def query_self_attention(self, q: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Multi-head self-attention of the queries: q (queries and keys) and value (N, Q, C) -> (N, Q, C).
 
-        Under CPU autocast it runs in float32: PyTorch's CPU flash-attention backward is about
-        3x slower in bfloat16 than in float32 with the small recipe's 16 channels per head
-        (4 x 100 queries, 128 channels: 6.1 ms against 2.1 ms forward and backward), and no
-        slower in float32 with the official recipes' 32 (2 x 300 queries, 256 channels: 7.8 and
-        7.6 ms), while these few hundred queries make it a small share of the compute.
+        Under CPU autocast it runs in float32: PyTorch's CPU flash-attention backward is slower in
+        bfloat16 than in float32 with 16 channels per head and no faster with 32, and these few
+        hundred queries are a small share of the compute (docs/benchmarks.md, Design measurements).
         """
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
@@ -68,8 +67,9 @@ def attention_with_dropout(attention: nn.MultiheadAttention, q: torch.Tensor, va
     """``attention(q, q, value, need_weights=False)[0]`` in training, written out so that the dropout
     of the attention weights is ``deformable_detr_ops.dropout``: with dropout, PyTorch's CPU
     attention takes its plain path (products, softmax, dropout, product) and draws the mask with
-    ``bernoulli_``, one element at a time (7 ms of 2 x 8 x 300 x 300 weights, per layer); the rest
-    is the same computation. Other random numbers, the same distribution.
+    ``bernoulli_``, one element at a time, a slow share of each layer's step (docs/benchmarks.md,
+    Design measurements); the rest is the same computation. Other random numbers, the same
+    distribution.
 
     attention: batch_first, packed input projection (as built above). q, value (N, Q, C) -> (N, Q, C).
     """
@@ -139,12 +139,7 @@ class DeformableDecoder(nn.Module):
             reference_input = reference_points[:, :, None] * scale
             output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index, memory_padding_mask)
             if box_heads is not None:
-                delta = box_heads[index](output)
-                if reference_points.shape[-1] == 4:
-                    refined = (delta + inverse_sigmoid(reference_points)).sigmoid()
-                else:
-                    # a point reference becomes a box: the head supplies the size from scratch
-                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1).sigmoid()
+                refined = refine_boxes(reference_points, box_heads[index](output))
                 references.append(refined)
                 reference_points = refined.detach()
             else:

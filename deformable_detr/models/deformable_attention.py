@@ -12,7 +12,7 @@ from torch import nn
 
 from deformable_detr_ops import ms_deform_attn
 
-from .sampling_recorder import SamplingRecord
+from .sampling_record import SamplingRecord
 
 
 class MSDeformAttn(nn.Module):
@@ -91,13 +91,13 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             # not in place: the projection's (N, S, C) output is a view of its 2-D product, and an
             # in-place fill of a view makes autograd copy the gradient through CopySlices and
-            # AsStrided (5-9 ms more per call, forward and backward, at 2 x 7,320 x 256 on a CPU)
+            # AsStrided, a cost per call (docs/benchmarks.md, Design measurements)
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(N, S, self.n_heads, self.d_model // self.n_heads)
         weights = self.attention_weights(query).view(N, Lq, self.n_heads, self.n_levels * self.n_points)
         # in float32 (or float64) even under autocast, as CUDA autocast does for every softmax: the
-        # op computes in the promoted dtype anyway, and PyTorch's CPU softmax backward over the
-        # small recipe's 16-wide rows is about 9x slower in bfloat16 than in float32
+        # op computes in the promoted dtype anyway, and PyTorch's CPU softmax backward over 16-wide
+        # rows is slower in bfloat16 than in float32 (docs/benchmarks.md, Design measurements)
         weights = F.softmax(weights, -1, dtype=torch.promote_types(weights.dtype, torch.float32))
         weights = weights.view(N, Lq, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
@@ -132,9 +132,9 @@ class MSDeformAttn(nn.Module):
         E (M*L*P*2, L*2) is 0/1 and adds reference point (l, x|y) to the outputs of level l.
         The same function as ``reference[:, :, None, :, None] + sampling_offsets(query) / n`` up
         to float rounding, without the three broadcasting passes over the (N, Lq, M, L, P, 2)
-        result (the division, its backward, the addition) that took twice as long as the matrix
-        product's forward and backward. In float32 (float64 if the inputs are) even under
-        autocast: the reference points need it.
+        result (the division, its backward, the addition), which cost more than the matrix
+        product's forward and backward (docs/benchmarks.md, Design measurements). In float32
+        (float64 if the inputs are) even under autocast: the reference points need it.
 
         Args:
             query: (N, Lq, C).

@@ -11,6 +11,7 @@ from torch import nn
 from .decoder import DeformableDecoder, DeformableDecoderLayer
 from .deformable_attention import MSDeformAttn
 from .encoder import DeformableEncoder, DeformableEncoderLayer
+from .valid_ratios import valid_ratio, valid_ratios, valid_sizes
 
 
 class DeformableTransformer(nn.Module):
@@ -71,13 +72,8 @@ class DeformableTransformer(nn.Module):
             nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
 
-    @staticmethod
-    def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
-        """(N, H, W) padding mask -> (N, 2) unpadded fraction (w, h)."""
-        _, h, w = mask.shape
-        valid_h = torch.sum(~mask[:, :, 0], 1)
-        valid_w = torch.sum(~mask[:, 0, :], 1)
-        return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+    # one level's (N, H, W) padding mask -> (N, 2) unpadded fraction (w, h), as valid_ratios.valid_ratio
+    valid_ratios = staticmethod(valid_ratio)
 
     @staticmethod
     def shapes_tensor(level_shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
@@ -113,9 +109,7 @@ class DeformableTransformer(nn.Module):
         proposals = []
         start = 0
         for level, (h, w) in enumerate(level_shapes):
-            mask = padding_mask[:, start : start + h * w].view(n, h, w, 1)
-            valid_h = torch.sum(~mask[:, :, 0, 0], 1)
-            valid_w = torch.sum(~mask[:, 0, :, 0], 1)
+            valid_h, valid_w = valid_sizes(padding_mask[:, start : start + h * w].view(n, h, w))
             # pixel indices 0 .. h - 1: the same float32 numbers as linspace(0, h - 1, h), sized by h alone
             grid_y, grid_x = torch.meshgrid(
                 torch.arange(h, dtype=torch.float32, device=memory.device),
@@ -179,9 +173,9 @@ class DeformableTransformer(nn.Module):
         pos_flatten = torch.cat(pos_flatten, 1)
         spatial_shapes = self.shapes_tensor(level_shapes, src_flatten.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)
+        ratios = valid_ratios(masks)
 
-        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten, level_shapes)
+        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, ratios, pos_flatten, mask_flatten, level_shapes)
 
         n, _, c = memory.shape
         enc_class = enc_coord_unact = None
@@ -207,6 +201,6 @@ class DeformableTransformer(nn.Module):
         init_reference = reference_points
 
         hidden_states, references = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask_flatten, box_heads
+            tgt, reference_points, memory, spatial_shapes, level_start_index, ratios, query_pos, mask_flatten, box_heads
         )
         return hidden_states, init_reference, references, enc_class, enc_coord_unact

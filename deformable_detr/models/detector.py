@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.box_ops import inverse_sigmoid
 from .backbone import Backbone, downsample_mask
+from .box_refinement import refine_boxes
 from .deformable_transformer import DeformableTransformer
 
 
@@ -165,13 +165,8 @@ class DeformableDETR(nn.Module):
                 # in the graph there) is the output, so each head runs once per layer
                 boxes.append(references[layer])
             else:
-                reference = inverse_sigmoid(init_reference if layer == 0 else references[layer - 1])
-                delta = self.bbox_embed[layer](hidden_states[layer])
-                if reference.shape[-1] == 4:
-                    coord = delta + reference
-                else:
-                    coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-                boxes.append(coord.sigmoid())
+                reference = init_reference if layer == 0 else references[layer - 1]
+                boxes.append(refine_boxes(reference, self.bbox_embed[layer](hidden_states[layer])))
             logits.append(self.class_embed[layer](hidden_states[layer]))
 
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}

@@ -3,9 +3,9 @@
 By default glibc serves every block of 32 MiB or more with its own ``mmap`` and unmaps it on
 ``free``. A training step of a Deformable DETR on the CPU allocates dozens of such blocks (one
 feed-forward activation of the r50 recipe at batch 2 of 512x683 is 14,640 x 1,024 floats, 60 MB),
-and the next step maps them again: the kernel zeroes every page on its first touch. In the r50
-step that was 29,000-522,000 page faults per step (the first five steps of four runs); a 60 MB
-matrix product took 36 ms from a fresh block and 24 ms from a reused one. With ``mmap`` off for allocations and a high trim
+and the next step maps them again: the kernel zeroes every page on its first touch, so a step
+spends time in page faults and a product is slower on a fresh block than on a reused one
+(docs/benchmarks.md, Design measurements). With ``mmap`` off for allocations and a high trim
 threshold, freed blocks go back to malloc's heap and the next step reuses them: no faults after
 the first steps, and the process keeps its peak memory (as a GPU's caching allocator does).
 

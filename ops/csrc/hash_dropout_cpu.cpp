@@ -1,18 +1,19 @@
-// CPU kernel of hash dropout: dropout whose keep/drop decision for element i of
-// the (contiguous) input is a hash of (seed, i), so that
+// CPU kernels of the hash_dropout library (schemas in library.cpp).
+//
+// hash_dropout::dropout: dropout whose keep/drop decision for element i of the
+// (contiguous) input is a hash of (seed, i), so that
 //   output[i] = input[i] / (1 - p)  where keep(seed, i), 0 elsewhere.
 // Nothing is stored for the backward: the gradient is the same function of the
 // output gradient under the same seed. PyTorch's CPU dropout draws a Bernoulli
-// mask element by element (several nanoseconds each) and makes three passes
-// over memory; this is one pass.
+// mask element by element and makes three passes over memory; this is one pass.
 //
 // keep(seed, i): element 2k takes the low and element 2k+1 the high 32 bits of
 // SplitMix64's output function at counter k (seed + (k + 1) * golden gamma,
 // then two xor-shift-multiply rounds), and is kept when those bits are
 // >= round(p * 2^32). ops/hash_dropout.py has the same function in PyTorch.
 //
-// hash_dropout_relu, for a feed-forward network's hidden layer, is the same
-// dropout of relu(input + bias) (bias over the last dimension, or none) in one
+// hash_dropout::relu_dropout, for a feed-forward network's hidden layer, is the
+// same dropout of relu(input + bias) (bias over the last dimension, or none) in one
 // pass. Its backward takes the output: an element passes its gradient, scaled
 // by 1 / (1 - p), exactly when its output is positive.
 #include <ATen/ATen.h>
@@ -97,7 +98,7 @@ HASH_DROPOUT_INLINE void pairs(const scalar_t* input, const scalar_t* bias, scal
   }
 }
 
-// The gradient of hash_dropout_relu from its output: grad / (1 - p) where output > 0, else 0.
+// The gradient of relu_dropout from its output: grad / (1 - p) where output > 0, else 0.
 // "output <= 0" (not "!(output > 0)") lets a NaN output pass the gradient, as threshold_backward does.
 template <typename scalar_t, typename acc_t>
 HASH_DROPOUT_INLINE void relu_backward_range(const scalar_t* grad, const scalar_t* output, scalar_t* grad_input,
@@ -108,8 +109,8 @@ HASH_DROPOUT_INLINE void relu_backward_range(const scalar_t* grad, const scalar_
   }
 }
 
-// The same loops compiled for AVX2 and for AVX-512 (whose 64-bit multiplies make the hash
-// 1.6x faster than AVX2's emulated ones on a 15M-element tensor), picked by cpu_isa().
+// The same loops compiled for AVX2 and for AVX-512 (whose native 64-bit multiplies hash faster
+// than AVX2's emulated ones: docs/benchmarks.md, Design measurements), picked by cpu_isa().
 #if MSDA_X86
 template <bool kRelu, bool kBias, typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void pairs_avx2(const scalar_t* input, const scalar_t* bias, scalar_t* output,
@@ -161,7 +162,7 @@ at::Tensor dropout_forward(const at::Tensor& input, const at::Tensor& bias, cons
   const int64_t half_row = has_bias ? source.size(-1) / 2 : std::max<int64_t>(n / 2, 1);
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
   const Isa chosen = cpu_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "hash_dropout", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "hash_dropout::dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
     const scalar_t* in = source.const_data_ptr<scalar_t>();
@@ -194,38 +195,38 @@ at::Tensor dropout_forward(const at::Tensor& input, const at::Tensor& bias, cons
 }
 
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& seed, double p) {
-  check_arguments("hash_dropout", input, seed, p);
+  check_arguments("hash_dropout::dropout", input, seed, p);
   return dropout_forward<false>(input, at::Tensor(), seed, p);
 }
 
 at::Tensor relu_forward_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias, const at::Tensor& seed,
                             double p) {
-  check_arguments("hash_dropout_relu", input, seed, p);
+  check_arguments("hash_dropout::relu_dropout", input, seed, p);
   if (!bias.has_value() || !bias->defined()) {
     return dropout_forward<true>(input, at::Tensor(), seed, p);
   }
   TORCH_CHECK(input.dim() >= 1 && bias->dim() == 1 && bias->size(0) == input.size(-1),
-              "hash_dropout_relu: bias must have shape (C,) for an input (..., C); got ", bias->sizes(), " and ",
+              "hash_dropout::relu_dropout: bias must have shape (C,) for an input (..., C); got ", bias->sizes(), " and ",
               input.sizes());
-  TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "hash_dropout_relu: bias dtype ", bias->scalar_type(),
+  TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "hash_dropout::relu_dropout: bias dtype ", bias->scalar_type(),
               " differs from the input's ", input.scalar_type());
-  TORCH_CHECK(bias->device().is_cpu(), "hash_dropout_relu: bias must be a CPU tensor");
-  TORCH_CHECK(input.size(-1) % 2 == 0, "hash_dropout_relu: a bias needs an even last dimension, got ",
+  TORCH_CHECK(bias->device().is_cpu(), "hash_dropout::relu_dropout: bias must be a CPU tensor");
+  TORCH_CHECK(input.size(-1) % 2 == 0, "hash_dropout::relu_dropout: a bias needs an even last dimension, got ",
               input.size(-1));
   return dropout_forward<true>(input, bias->contiguous(), seed, p);
 }
 
 at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output, double p) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "hash_dropout_relu_backward: p must be in [0, 1), got ", p);
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "hash_dropout::relu_dropout_backward: p must be in [0, 1), got ", p);
   TORCH_CHECK(grad_output.sizes() == output.sizes() && grad_output.scalar_type() == output.scalar_type(),
-              "hash_dropout_relu_backward: grad_output ", grad_output.sizes(), " ", grad_output.scalar_type(),
+              "hash_dropout::relu_dropout_backward: grad_output ", grad_output.sizes(), " ", grad_output.scalar_type(),
               " does not match the output ", output.sizes(), " ", output.scalar_type());
   const at::Tensor grad = grad_output.contiguous();
   const at::Tensor kept = output.contiguous();
   at::Tensor grad_input = at::empty(grad.sizes(), grad.options());
   const int64_t n = grad.numel();
   const Isa chosen = cpu_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "hash_dropout_relu_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "hash_dropout::relu_dropout_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
@@ -248,8 +249,8 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& ou
 }  // namespace
 }  // namespace hash_dropout
 
-TORCH_LIBRARY_IMPL(deformable_attention, CPU, m) {
-  m.impl("hash_dropout", &hash_dropout::forward_cpu);
-  m.impl("hash_dropout_relu", &hash_dropout::relu_forward_cpu);
-  m.impl("hash_dropout_relu_backward", &hash_dropout::relu_backward_cpu);
+TORCH_LIBRARY_IMPL(hash_dropout, CPU, m) {
+  m.impl("dropout", &hash_dropout::forward_cpu);
+  m.impl("relu_dropout", &hash_dropout::relu_forward_cpu);
+  m.impl("relu_dropout_backward", &hash_dropout::relu_backward_cpu);
 }

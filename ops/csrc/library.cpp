@@ -1,7 +1,7 @@
-// Operator schemas of the deformable_attention library and the Python module
-// that loads them (import ops._C). Kernels are registered per device in
+// Operator schemas of the deformable_attention and hash_dropout libraries and the
+// Python module that loads them (import ops._C). Kernels are registered per device in
 // ms_deform_attn_cpu.cpp, ms_deform_attn_cuda.cu and hash_dropout_cpu.cpp; autograd and the fake
-// (shape-only) implementations are registered from Python (ops/kernel.py).
+// (shape-only) implementations are registered from Python (ops/kernel.py, ops/hash_dropout.py).
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -20,20 +20,24 @@ TORCH_LIBRARY(deformable_attention, m) {
   m.def(
       "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output) -> (Tensor, Tensor, Tensor)");
-  // Dropout whose mask is a hash of (seed, element index), CPU (hash_dropout_cpu.cpp): input of
-  // any shape and floating dtype, seed () int64 -> the input's shape, contiguous. Its own backward.
-  m.def("hash_dropout(Tensor input, Tensor seed, float p) -> Tensor");
-  // hash_dropout of relu(input + bias) in one pass, bias (C,) over the last dimension (even) of the
-  // input, or none: the mask equals hash_dropout's under the same seed. Its backward takes the
+}
+
+// Dropout whose mask is a hash of (seed, element index), CPU kernels in hash_dropout_cpu.cpp.
+TORCH_LIBRARY(hash_dropout, m) {
+  // Input of any shape and floating dtype, seed () int64 -> the input's shape, contiguous. Its own backward.
+  m.def("dropout(Tensor input, Tensor seed, float p) -> Tensor");
+  // dropout of relu(input + bias) in one pass, bias (C,) over the last dimension (even) of the
+  // input, or none: the mask equals dropout's under the same seed. Its backward takes the
   // forward's output: grad / (1 - p) where output > 0, else 0.
-  m.def("hash_dropout_relu(Tensor input, Tensor? bias, Tensor seed, float p) -> Tensor");
-  m.def("hash_dropout_relu_backward(Tensor grad_output, Tensor output, float p) -> Tensor");
+  m.def("relu_dropout(Tensor input, Tensor? bias, Tensor seed, float p) -> Tensor");
+  m.def("relu_dropout_backward(Tensor grad_output, Tensor output, float p) -> Tensor");
 }
 
 static struct PyModuleDef module_definition = {
     PyModuleDef_HEAD_INIT,
     "_C",
-    "Compiled kernels of multi-scale deformable attention; the operators live in torch.ops.deformable_attention.",
+    "Compiled kernels of multi-scale deformable attention and hash dropout; the operators live in "
+    "torch.ops.deformable_attention and torch.ops.hash_dropout.",
     -1,
     nullptr,
 };
