@@ -12,8 +12,8 @@ from deformable_detr.evaluation.coco_evaluator import (
     evaluate_coco,
     merge_gathered,
     to_coco_results,
-    write_json_atomic,
 )
+from deformable_detr.utils.atomic_files import write_json_atomic
 
 
 def _ground_truth(images, annotations, categories=((1, "cat"), (4, "dog"))):

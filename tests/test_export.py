@@ -31,6 +31,7 @@ from deformable_detr.export.metadata import logit_categories
 from deformable_detr.export.verification import verify
 from deformable_detr.models import DeformableTransformer
 from deformable_detr.models.encoder import DeformableEncoder
+from deformable_detr.models.valid_ratios import valid_ratio
 from deformable_detr.models.weights import OFFICIAL_EXPERIMENTS, recipe_of_model
 from deformable_detr.utils.category_layout import CategoryLayout
 from deformable_detr_ops import library_loaded, ms_deform_attn_reference
@@ -98,7 +99,7 @@ def test_reference_points_and_proposals_equal_the_previous_formulas_on_padded_ba
     masks = padded_masks(level_shapes, [(1.0, 1.0), (0.6, 0.9), (0.3, 0.45)])
     spatial_shapes = DeformableTransformer.shapes_tensor(level_shapes, torch.device("cpu"))
     assert torch.equal(spatial_shapes, torch.as_tensor(level_shapes))
-    valid_ratios = torch.stack([DeformableTransformer.valid_ratios(m) for m in masks], 1)
+    valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
     expected = previous_reference_points(spatial_shapes, valid_ratios)
     assert torch.equal(DeformableEncoder.reference_points(level_shapes, valid_ratios), expected)
     assert torch.equal(DeformableEncoder.reference_points(spatial_shapes, valid_ratios), expected)

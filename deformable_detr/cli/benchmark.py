@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..engine.compilation import check_compiler
 from ..engine.flops import count_detector_flops
 from ..errors import ConfigError
-from ..evaluation.coco_evaluator import write_json_atomic
+from ..utils.atomic_files import write_json_atomic
 from . import runtime
 from .app import Tool, start_run
 from .checks import check_config

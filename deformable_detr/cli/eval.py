@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from ..engine.compilation import compiled_graphs
 from ..engine.evaluate_loop import evaluate
-from ..evaluation.coco_evaluator import write_json_atomic
+from ..utils.atomic_files import write_json_atomic
 from ..models import PostProcess
 from . import runtime
 from .app import Tool, start_run

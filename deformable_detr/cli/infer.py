@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from ..data import collate
 from ..data.image_files import ImageFiles, UnreadableImageFileError, list_image_files, read_image
-from ..evaluation.coco_evaluator import write_json_atomic
+from ..utils.atomic_files import write_json_atomic
 from ..inference import Detections
 from ..errors import ConfigError
 from ..utils.progress_bar import ProgressBar

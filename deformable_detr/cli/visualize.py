@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from ..data.image_files import list_image_files, read_image
 from ..errors import ConfigError
-from ..evaluation.coco_evaluator import write_json_atomic
+from ..utils.atomic_files import write_json_atomic
 from ..models import record_sampling
 from ..utils.box_ops import box_cxcywh_to_xyxy
 from ..visualization import encoder_query_at, render_sampling, sampling_statistics, tile

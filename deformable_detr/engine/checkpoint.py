@@ -49,8 +49,8 @@ def save_atomic(state: Dict[str, Any], path: str, last_good: Optional[str] = Non
     try:
         replace_atomically(path, lambda stream: torch.save(state, stream), binary=True, prefix=TEMP_PREFIX, suffix=".pth",
                            permissions=umask_permissions())
-    except BaseException as error:
-        code = disk_full_errno(error) if isinstance(error, Exception) else None
+    except Exception as error:
+        code = disk_full_errno(error)
         if code is None:
             raise
         raise _disk_full_error(state, path, code, last_good) from error

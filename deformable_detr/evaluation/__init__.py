@@ -1,4 +1,4 @@
 """Evaluation of detection results."""
-from .coco_evaluator import STAT_NAMES, CocoEvaluation, CocoEvaluator, evaluate_coco, merge_gathered, write_json_atomic
+from .coco_evaluator import STAT_NAMES, CocoEvaluation, CocoEvaluator, evaluate_coco, merge_gathered
 
-__all__ = ["STAT_NAMES", "CocoEvaluation", "CocoEvaluator", "evaluate_coco", "merge_gathered", "write_json_atomic"]
+__all__ = ["STAT_NAMES", "CocoEvaluation", "CocoEvaluator", "evaluate_coco", "merge_gathered"]

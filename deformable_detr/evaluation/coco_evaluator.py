@@ -12,7 +12,6 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from deformable_detr.utils.atomic_files import write_json_atomic  # re-exported: the tools write their JSON through it
 from deformable_detr.utils.box_ops import box_xyxy_to_xywh
 from deformable_detr.utils.distributed import all_gather_object, is_main_process
 
@@ -24,7 +23,6 @@ __all__ = [
     "to_coco_results",
     "merge_gathered",
     "evaluate_coco",
-    "write_json_atomic",
 ]
 
 # Order of COCOeval.stats for box detection.

@@ -11,7 +11,7 @@ from torch import nn
 from .decoder import DeformableDecoder, DeformableDecoderLayer
 from .deformable_attention import MSDeformAttn
 from .encoder import DeformableEncoder, DeformableEncoderLayer
-from .valid_ratios import valid_ratio, valid_ratios, valid_sizes
+from .valid_ratios import valid_ratios, valid_sizes
 
 
 class DeformableTransformer(nn.Module):
@@ -71,9 +71,6 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
-
-    # one level's (N, H, W) padding mask -> (N, 2) unpadded fraction (w, h), as valid_ratios.valid_ratio
-    valid_ratios = staticmethod(valid_ratio)
 
     @staticmethod
     def shapes_tensor(level_shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
